@@ -1,0 +1,1 @@
+"""fedjax-lora: federated LoRA fine-tuning of LLaMA-family models in JAX."""

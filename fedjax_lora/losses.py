@@ -1,0 +1,20 @@
+"""Training losses over float32 logits."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def causal_lm_loss(logits, tokens, loss_mask):
+  """Mean next-token cross-entropy over supervised targets (HF labels=-100 convention).
+
+  logits: float [B, T, V]; tokens: int [B, T]; loss_mask: [B, T], 1 where token t is a
+  supervised *target* (e.g. the attention mask for full-sequence loss). Returns
+  (mean loss, number of supervised tokens).
+  """
+  targets = tokens[:, 1:]
+  weights = loss_mask[:, 1:].astype(jnp.float32)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), targets)
+  count = jnp.sum(weights)
+  return jnp.sum(per_token * weights) / jnp.maximum(count, 1.0), count

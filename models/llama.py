@@ -1,0 +1,253 @@
+"""LLaMA-family decoder in Flax NNX, trained as pure pytrees.
+
+Layer weights are stacked on a leading axis and run under `jax.lax.scan`, so compile
+time stays flat in depth. Weights use Hugging Face's layout up to a transpose
+([in, out] kernels, rotate-half RoPE), so checkpoint conversion needs no permutation.
+
+The pure entry point is `forward(graphdef, base_params, adapters, tokens, ...)`: base
+params are a plain dict (from `split_model`), adapters a sequence of `LoraAdapter`s
+whose contributions are summed (e.g. a global and a local adapter).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from models import lora as lora_lib
+from models.config import LlamaConfig, rope_inverse_frequencies
+
+_cp = jax.checkpoint_policies
+# Named remat policies for the per-layer scan body. Names refer to `checkpoint_name` tags.
+REMAT_POLICIES = {
+    "none": None,
+    "full": _cp.nothing_saveable,
+    "save_qkv": _cp.save_only_these_names("query", "key", "value"),
+    "save_attn_out": _cp.save_only_these_names("query", "key", "value", "attn_out"),
+    "save_dots_except_mlp": _cp.save_only_these_names(
+        "query", "key", "value", "attn_out", "attn_proj"),
+}
+
+LAYER_WEIGHTS = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj",
+                 "mlp_norm", "gate_proj", "up_proj", "down_proj")
+
+
+def _normal(rng, shape, dtype, std=0.02):
+  return (std * jax.random.normal(rng, shape, jnp.float32)).astype(dtype)
+
+
+class DecoderStack(nnx.Module):
+  """All decoder layers, each weight stacked over a leading layer axis."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    L, dt = config.num_layers, config.jnp_param_dtype
+    self.attn_norm = nnx.Param(jnp.ones((L, config.hidden_size), dt))
+    self.mlp_norm = nnx.Param(jnp.ones((L, config.hidden_size), dt))
+    for target in lora_lib.ALL_TARGETS:
+      fan_in, fan_out = lora_lib.projection_shape(config, target)
+      setattr(self, target, nnx.Param(_normal(rngs.params(), (L, fan_in, fan_out), dt)))
+
+
+class Llama(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dt = config.jnp_param_dtype
+    self.embed = nnx.Param(_normal(rngs.params(), (config.vocab_size, config.hidden_size), dt))
+    self.layers = DecoderStack(config, rngs=rngs)
+    self.final_norm = nnx.Param(jnp.ones((config.hidden_size,), dt))
+    if not config.tie_word_embeddings:
+      self.lm_head = nnx.Param(_normal(rngs.params(), (config.hidden_size, config.vocab_size), dt))
+
+  def __call__(self, tokens, *, positions=None, attention_mask=None, adapters=(),
+               cache=None, dropout_rng=None, return_hidden=False):
+    """Returns (float32 logits [B, T, V], updated cache or None).
+
+    tokens: int [B, T]. attention_mask: [B, T], 1 for real tokens (default all ones).
+    positions: int [B, T] RoPE positions (default: count of real tokens before each one).
+    cache: from `init_cache`; the T new tokens are written at `cache['index']`.
+    dropout_rng: enables LoRA dropout (training); None = deterministic.
+    """
+    cfg = self.config
+    B, T = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((B, T), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if positions is None:
+      positions = default_positions(attention_mask, cache)
+    h = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+
+    mask, new_valid = _attention_mask(attention_mask, cache, T)
+    cos, sin = _rope_tables(cfg, positions)
+    stacked = {name: getattr(self.layers, name)[...] for name in LAYER_WEIGHTS}
+    lora_views = tuple(lora_lib.per_layer_view(a, cfg.num_layers)
+                       for a in lora_lib.as_adapter_list(adapters))
+    lora_meta = tuple(a.spec for a in lora_lib.as_adapter_list(adapters))
+    xs = {
+        "w": stacked,
+        "lora": lora_views,
+        "layer": jnp.arange(cfg.num_layers),
+        "cache": None if cache is None else {"k": cache["k"], "v": cache["v"]},
+    }
+    cache_index = None if cache is None else cache["index"]
+
+    def layer(h, x):
+      h, kv = _decoder_layer(cfg, h, x, lora_meta, mask, cos, sin, cache_index, dropout_rng)
+      return h, kv
+
+    policy_name = cfg.remat
+    if policy_name != "none":
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
+
+    if cfg.scan_layers:
+      h, new_kv = jax.lax.scan(layer, h, xs)
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        h, kv = layer(h, jax.tree.map(lambda a: a[i], xs))
+        outs.append(kv)
+      new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
+    if return_hidden:
+      logits = h
+    else:
+      head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+      logits = jnp.einsum("btd,dv->btv", h, head.astype(cfg.jnp_dtype),
+                          preferred_element_type=jnp.float32)
+    new_cache = None
+    if cache is not None:
+      new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": new_valid,
+                   "index": cache["index"] + T}
+    return logits, new_cache
+
+
+def rms_norm(x, weight, eps):
+  """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def _rope_tables(cfg: LlamaConfig, positions):
+  inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, head_dim]
+  return jnp.cos(emb).astype(cfg.jnp_dtype), jnp.sin(emb).astype(cfg.jnp_dtype)
+
+
+def _apply_rope(x, cos, sin):
+  """Rotate-half RoPE on x [B, T, heads, head_dim]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def default_positions(attention_mask, cache=None):
+  """Position = number of real tokens before this one (left padding gets correct RoPE)."""
+  offset = 0 if cache is None else jnp.sum(cache["valid"], axis=-1, keepdims=True)
+  return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0) + offset
+
+
+def _attention_mask(attention_mask, cache, T):
+  """Boolean [B, 1, T, S] mask: causal over slots and valid keys, plus the query's own slot
+  (so padding queries never see an all-masked row and no NaN appears)."""
+  if cache is None:
+    valid = attention_mask
+    q_slot = jnp.arange(T)
+    k_slot = jnp.arange(T)
+  else:
+    S = cache["valid"].shape[1]
+    valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, cache["index"]))
+    q_slot = cache["index"] + jnp.arange(T)
+    k_slot = jnp.arange(S)
+  causal = k_slot[None, :] <= q_slot[:, None]
+  own = k_slot[None, :] == q_slot[:, None]
+  mask = (causal[None] & valid[:, None, :]) | own[None]
+  return mask[:, None], (valid if cache is not None else None)
+
+
+def _project(x, w, target, lora_views, lora_meta, layer_idx, dropout_rng, dtype):
+  y = jnp.einsum("btd,df->btf", x, w.astype(dtype))
+  for k, ((params, scale), spec) in enumerate(zip(lora_views, lora_meta)):
+    if target not in params:
+      continue
+    ab = params[target]
+    xin = x
+    if dropout_rng is not None and spec.dropout > 0:
+      key = jax.random.fold_in(jax.random.fold_in(dropout_rng, layer_idx),
+                               k * 16 + lora_lib.ALL_TARGETS.index(target))
+      keep = jax.random.bernoulli(key, 1.0 - spec.dropout, x.shape)
+      xin = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    low = jnp.einsum("btd,dr->btr", xin, ab["a"].astype(dtype))
+    y = y + (scale.astype(dtype) * jnp.einsum("btr,rf->btf", low, ab["b"].astype(dtype)))
+  return y
+
+
+def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_index, dropout_rng):
+  w, layer_idx, dt = x["w"], x["layer"], cfg.jnp_dtype
+  # Per-layer slices of each adapter: ((params, scale_scalar), ...).
+  lora_views = tuple((params, scale) for params, scale in x["lora"])
+
+  def proj(inp, target):
+    return _project(inp, w[target], target, lora_views, lora_meta, layer_idx, dropout_rng, dt)
+
+  B, T, _ = h.shape
+  normed = rms_norm(h, w["attn_norm"], cfg.rms_norm_eps)
+  q = checkpoint_name(proj(normed, "q_proj"), "query").reshape(B, T, cfg.num_heads, cfg.head_dim)
+  k = checkpoint_name(proj(normed, "k_proj"), "key").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  v = checkpoint_name(proj(normed, "v_proj"), "value").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+  q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+  new_kv = None
+  if x["cache"] is not None:
+    ck = jax.lax.dynamic_update_slice(x["cache"]["k"], k.astype(x["cache"]["k"].dtype),
+                                      (0, cache_index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(x["cache"]["v"], v.astype(x["cache"]["v"].dtype),
+                                      (0, cache_index, 0, 0))
+    new_kv = {"k": ck, "v": cv}
+    k, v = ck.astype(dt), cv.astype(dt)
+  attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+  attn = checkpoint_name(attn.reshape(B, T, cfg.num_heads * cfg.head_dim), "attn_out")
+  h = h + checkpoint_name(proj(attn, "o_proj"), "attn_proj")
+
+  normed = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
+  gated = jax.nn.silu(proj(normed, "gate_proj")) * proj(normed, "up_proj")
+  h = h + proj(gated, "down_proj")
+  return h, new_kv
+
+
+# ---- pure functional API -------------------------------------------------------------
+
+
+def init_model(config: LlamaConfig, seed: int = 0) -> tuple[nnx.GraphDef, dict]:
+  """Random base weights (std 0.02 normal, norms 1) as (graphdef, params pure dict)."""
+  return split_model(Llama(config, rngs=nnx.Rngs(seed)))
+
+
+def abstract_model(config: LlamaConfig) -> tuple[nnx.GraphDef, dict]:
+  """Graphdef and ShapeDtypeStruct params without allocating weights (for loaders)."""
+  return split_model(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+
+
+def split_model(model: Llama) -> tuple[nnx.GraphDef, dict]:
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def forward(graphdef: nnx.GraphDef, base_params: dict, adapters: Sequence[Any] | Any,
+            tokens, **kwargs):
+  """Pure forward: (logits float32 [B, T, V], cache). See `Llama.__call__` for kwargs."""
+  model = nnx.merge(graphdef, base_params)
+  return model(tokens, adapters=adapters, **kwargs)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """Empty KV cache: k, v [L, B, S, kv_heads, head_dim], per-slot validity and write index."""
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  dtype = dtype or config.jnp_dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "valid": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
