@@ -152,16 +152,18 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig | None = None,
     path, layer, transpose = route
     if path == ("lm_head",) and config.tie_word_embeddings:
       continue  # some tied checkpoints still store the head; embeddings are authoritative
-    if transpose:
-      array = array.T
-    want = abstract[path[0]] if layer is None else abstract["layers"][path[1]]
-    want_shape = want.shape if layer is None else want.shape[1:]
     if layer is not None and layer >= L:
       raise CheckpointError(f"{files[name]}: tensor {name} is for layer {layer}, "
                             f"but config.json has num_hidden_layers={L}")
-    if tuple(array.shape) != tuple(want_shape):
-      raise CheckpointError(f"{files[name]}: tensor {name} has shape {tuple(array.shape)} "
-                            f"(after transpose={transpose}); config.json implies {tuple(want_shape)}")
+    want = abstract[path[0]] if layer is None else abstract["layers"][path[1]]
+    want_shape = tuple(want.shape if layer is None else want.shape[1:])
+    if transpose:
+      want_shape = want_shape[::-1]  # compare in the file's [out, in] layout
+    if tuple(array.shape) != want_shape:
+      raise CheckpointError(f"{files[name]}: tensor {name} has shape {tuple(array.shape)}; "
+                            f"config.json implies {want_shape}")
+    if transpose:
+      array = array.T
     array = np.asarray(array).astype(dtype)
     if layer is None:
       params[path[0]] = jnp.asarray(array)

@@ -1,0 +1,1 @@
+"""absl entry points; run as `python -m launch.<name>`."""

@@ -1,0 +1,23 @@
+"""Turns the library's input errors into one clear line instead of a traceback."""
+
+import sys
+
+from absl import app
+
+from models.config import UnsupportedConfigError
+from models.hf_checkpoint import CheckpointError
+from models.peft_io import AdapterError
+from models.tokenizer import TokenizerError
+
+INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, UnsupportedConfigError)
+
+
+def run(main):
+  """`absl.app.run(main)`, printing `error: <message>` and exiting 2 on bad input."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except INPUT_ERRORS as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  app.run(guarded)

@@ -1,0 +1,89 @@
+"""Jitted KV-cache decoding over a left-padded batch of prompts.
+
+Left padding puts every prompt's last token in the same column, so one prefill and
+one decode step per new token serve the whole batch. Prompt lengths are bucketed so a
+handful of compiled programs cover all inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import llama
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n (at least `minimum`), to bound recompilation."""
+  return max(minimum, 1 << max(0, int(n - 1).bit_length()))
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+  """(tokens [B, length], mask [B, length]) with real tokens flush right."""
+  longest = max(len(s) for s in sequences)
+  if longest == 0:
+    raise ValueError("cannot generate from an empty prompt")
+  length = length or bucket_length(longest)
+  if longest > length:
+    raise ValueError(f"prompt of {longest} tokens exceeds the padded length {length}")
+  tokens = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for i, s in enumerate(sequences):
+    if len(s):
+      tokens[i, length - len(s):] = s
+      mask[i, length - len(s):] = 1
+  return tokens, mask
+
+
+@functools.partial(jax.jit, static_argnames=("config", "graphdef", "max_new_tokens", "eos_ids",
+                                             "sample"))
+def generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens: int,
+             eos_ids: tuple[int, ...] = (), sample: bool = False, temperature=1.0, rng=None,
+             pad_id: int = 0):
+  """Greedy (or temperature-sampled) continuation of left-padded prompts.
+
+  Returns (new_tokens [B, max_new_tokens] padded with `pad_id` after EOS, lengths [B]
+  counting the EOS token when one was produced). Stops early once every row is done.
+  """
+  B, P = prompt_tokens.shape
+  cache = llama.init_cache(config, B, P + max_new_tokens)
+  logits, cache = llama.forward(graphdef, params, adapters, prompt_tokens,
+                                attention_mask=prompt_mask, cache=cache)
+  rng = jax.random.key(0) if rng is None else rng
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def choose(last_logits, key):
+    if sample:
+      return jax.random.categorical(key, last_logits / temperature, axis=-1).astype(jnp.int32)
+    return jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
+
+  rng, key = jax.random.split(rng)
+  first = choose(logits[:, -1], key)
+  out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, eos)
+  lengths = jnp.ones((B,), jnp.int32)
+
+  def cond(state):
+    step, _, _, done, _, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, cache, out, done, lengths, rng = state
+    last = out[:, step - 1]
+    logits, cache = llama.forward(graphdef, params, adapters, last[:, None],
+                                  attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache)
+    rng, key = jax.random.split(rng)
+    nxt = jnp.where(done, pad_id, choose(logits[:, -1], key))
+    out = out.at[:, step].set(nxt)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(nxt, eos)
+    return step + 1, cache, out, done, lengths, rng
+
+  state = (jnp.array(1, jnp.int32), cache, out, done, lengths, rng)
+  _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, state)
+  return out, lengths
+

@@ -1,0 +1,50 @@
+"""Tokenizers: load a checkpoint's own, or build a byte-level one for self-made tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BYTE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 as in LLaMA-2 (pad, bos, eos)
+
+
+class TokenizerError(ValueError):
+  pass
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+  """The Hugging Face tokenizer stored beside the weights (tokenizer.json or tokenizer.model)."""
+  from transformers import AutoTokenizer
+
+  model_dir = Path(model_dir)
+  if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    raise TokenizerError(f"{model_dir}: no tokenizer.json or tokenizer.model; copy the "
+                         "tokenizer files into the checkpoint directory")
+  try:
+    return AutoTokenizer.from_pretrained(str(model_dir))
+  except Exception as e:
+    raise TokenizerError(f"{model_dir}: tokenizer files could not be loaded "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def build_byte_tokenizer(out_dir: str | os.PathLike):
+  """A 259-token byte-level tokenizer (3 specials + 256 bytes) saved with `save_pretrained`.
+
+  Every string round-trips exactly, and nothing has to be downloaded or trained.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
+
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
+  for ch in sorted(alphabet):
+    vocab[ch] = len(vocab)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+  wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                    pad_token="<pad>")
+  wrapped.save_pretrained(str(out_dir))
+  return wrapped
