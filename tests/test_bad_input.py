@@ -99,3 +99,9 @@ def test_bad_adapter_configs(checkpoint, tmp_path):
     peft_io.import_adapter(out, config)
   with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
     lora_lib.LoraSpec(targets=("qkv",))
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(hf_checkpoint.CheckpointError, match="could not be downloaded"):
+    hf_checkpoint.resolve_model_dir("meta-llama/Llama-3.2-1B")

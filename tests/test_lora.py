@@ -191,3 +191,22 @@ def test_mismatched_adapter_is_rejected_by_name(hf_llama, tmp_path):
     peft_io.import_adapter(out, small)
   with pytest.raises(ValueError, match=r"q_proj\.a has shape"):
     lora_lib.check_adapter(small, adapter)
+
+
+def test_client_axis_sharded_over_devices_matches(tiny):
+  """Adapters sharded over a `clients` mesh axis, base replicated: same logits as unsharded."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  config, graphdef, params, tokens = tiny
+  n = jax.device_count()
+  assert n == 8, "conftest forces 8 host devices"
+  spec = lora_lib.LoraSpec(rank=2, alpha=4)
+  clients = jax.tree.map(lambda *xs: jnp.stack(xs),
+                         *[_random_adapter(config, spec, s) for s in range(n)])
+  mesh = jax.make_mesh((n,), ("clients",))
+  sharded = jax.device_put(clients, NamedSharding(mesh, P("clients")))
+  replicated = jax.device_put(params, NamedSharding(mesh, P()))
+  step = jax.jit(jax.vmap(lambda a, p: llama.forward(graphdef, p, [a], tokens)[0],
+                          in_axes=(0, None)))
+  out = step(sharded, replicated)
+  assert len(out.sharding.device_set) == n
+  np.testing.assert_allclose(out, step(clients, params), atol=1e-5)
