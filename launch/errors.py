@@ -4,12 +4,12 @@ import sys
 
 from absl import app
 
-from models.config import UnsupportedConfigError
+from models.config import ConfigError
 from models.hf_checkpoint import CheckpointError
 from models.peft_io import AdapterError
 from models.tokenizer import TokenizerError
 
-INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, UnsupportedConfigError)
+INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError)
 
 
 def run(main):

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 
 from launch import errors
 from models import generation, hf_checkpoint, peft_io
-from models.tokenizer import load_tokenizer
+from models.tokenizer import TokenizerError, load_tokenizer
 
 _MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory (or hub id when online).",
                              required=True)
@@ -46,15 +46,24 @@ def main(argv):
   if _ADAPTER.value:
     adapters = (peft_io.import_adapter(_ADAPTER.value, config),)
     logging.info("applied adapter %s (%s)", _ADAPTER.value, adapters[0].spec)
+  if len(tokenizer) > config.vocab_size:
+    raise TokenizerError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
+                         f"vocab_size is {config.vocab_size}")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  eos = tuple(sorted(set(config.eos_ids) | (
-      {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())))
+  eos = set(config.eos_ids) | set(hf_checkpoint.generation_eos_ids(model_dir))
+  if tokenizer.eos_token_id is not None:
+    eos.add(tokenizer.eos_token_id)
+  eos = tuple(sorted(eos))
   prompts = list(_PROMPT.value)
   encoded = [tokenizer(p)["input_ids"] for p in prompts]
+  # One batch shape for every chunk (the last one is padded with copies), so one compile.
+  batch = min(_BATCH.value, generation.bucket_length(len(encoded), minimum=1))
   rng = jax.random.key(_SEED.value)
   completions, new_tokens, seconds = [], 0, 0.0
-  for start in range(0, len(encoded), _BATCH.value):
-    chunk = encoded[start:start + _BATCH.value]
+  for start in range(0, len(encoded), batch):
+    chunk = encoded[start:start + batch]
+    real = len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch - real)
     tokens, mask = generation.left_pad(chunk, pad_id)
     rng, key = jax.random.split(rng)
     t0 = time.perf_counter()
@@ -64,7 +73,7 @@ def main(argv):
         temperature=max(_TEMPERATURE.value, 1e-6), rng=key, pad_id=pad_id)
     out, lengths = jax.device_get((out, lengths))
     seconds += time.perf_counter() - t0
-    for row, n in zip(out, lengths):
+    for row, n in zip(out[:real], lengths[:real]):
       ids = [int(t) for t in row[:n] if int(t) not in eos]
       completions.append(tokenizer.decode(ids, skip_special_tokens=True))
       new_tokens += int(n)

@@ -12,6 +12,7 @@ import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 # Remat policies accepted by `LlamaConfig.remat`; see `models.llama.REMAT_POLICIES`.
 REMAT_NAMES = ("none", "full", "save_qkv", "save_attn_out", "save_dots_except_mlp")
@@ -19,7 +20,11 @@ ATTENTION_IMPLS = (None, "xla", "cudnn")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
-class UnsupportedConfigError(ValueError):
+class ConfigError(ValueError):
+  """A config.json is unreadable or incomplete; the message names the file and field."""
+
+
+class UnsupportedConfigError(ConfigError):
   """A checkpoint config uses a field or value this implementation does not support."""
 
 
@@ -122,20 +127,35 @@ class LlamaConfig:
       bad("attention_dropout", hf["attention_dropout"], "attention dropout is not implemented")
 
     # transformers<5 writes rope_theta + rope_scaling; transformers>=5 writes rope_parameters.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params_field, scaling_field = hf.get("rope_parameters"), hf.get("rope_scaling")
+    if params_field and scaling_field:
+      type_of = lambda d: d.get("rope_type", d.get("type", "default"))
+      if type_of(params_field) != type_of(scaling_field) or any(
+          params_field.get(k) != v for k, v in scaling_field.items() if k not in ("type", "rope_type")):
+        bad("rope_scaling", scaling_field, f"disagrees with rope_parameters={params_field!r}")
+    field = "rope_parameters" if params_field else "rope_scaling"
+    rope = dict(params_field or scaling_field or {})
     rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     if rope_type not in SUPPORTED_ROPE_TYPES:
       bad(f"{field}.rope_type", rope_type, f"supported: {SUPPORTED_ROPE_TYPES}")
     rope_scaling = None
+    known = ()
     if rope_type == "llama3":
-      needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-      missing = [k for k in needed if k not in rope]
+      known = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+      missing = [k for k in known if k not in rope]
       if missing:
         bad(f"{field}", rope, f"llama3 rope scaling needs {missing}")
-      rope_scaling = tuple(sorted((k, float(rope[k])) for k in needed))
+      rope_scaling = tuple(sorted((k, float(rope[k])) for k in known))
+    leftover = sorted(k for k in rope if k not in known and rope[k] is not None)
+    if leftover:
+      bad(f"{field}.{leftover[0]}", rope[leftover[0]], f"not understood for rope_type={rope_type!r}")
 
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    absent = [k for k in required if hf.get(k) is None]
+    if absent:
+      raise ConfigError(f"{source}: missing required field(s) {absent}")
     num_heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     head_dim = hf.get("head_dim") or hidden // num_heads
@@ -157,7 +177,10 @@ class LlamaConfig:
         pad_token_id=hf.get("pad_token_id"),
     )
     kwargs.update(overrides)
-    return cls(**kwargs)
+    try:
+      return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"{source}: {e}") from None
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A config.json that `transformers.LlamaConfig` (4.x and 5.x) reads back."""
@@ -201,23 +224,23 @@ class LlamaConfig:
       try:
         hf = json.load(f)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return cls.from_hf_dict(hf, source=str(path), **overrides)
 
 
 def rope_inverse_frequencies(config: LlamaConfig):
   """Inverse frequencies of rotate-half RoPE, with llama3 scaling when configured."""
-  import numpy as np
-
   dim = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  # float32 throughout, as transformers computes it, for bit-level parity of the angles.
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)
   if not config.rope_scaling:
-    return inv_freq.astype(np.float32)
-  s = dict(config.rope_scaling)
+    return inv_freq
+  s = {k: np.float32(v) for k, v in config.rope_scaling}
   factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
   old_len = s["original_max_position_embeddings"]
   low_wavelen, high_wavelen = old_len / low, old_len / high
-  wavelen = 2 * math.pi / inv_freq
+  wavelen = np.float32(2 * math.pi) / inv_freq
   scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
   smooth = (old_len / wavelen - low) / (high - low)
   smoothed = (1 - smooth) * scaled / factor + smooth * scaled

@@ -13,8 +13,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from models import llama
+from models import lora as lora_lib
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -24,31 +26,44 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
   """(tokens [B, length], mask [B, length]) with real tokens flush right."""
+  for i, s in enumerate(sequences):
+    if len(s) == 0:
+      raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
   longest = max(len(s) for s in sequences)
-  if longest == 0:
-    raise ValueError("cannot generate from an empty prompt")
   length = length or bucket_length(longest)
   if longest > length:
     raise ValueError(f"prompt of {longest} tokens exceeds the padded length {length}")
   tokens = np.full((len(sequences), length), pad_id, np.int32)
   mask = np.zeros((len(sequences), length), np.int32)
   for i, s in enumerate(sequences):
-    if len(s):
-      tokens[i, length - len(s):] = s
-      mask[i, length - len(s):] = 1
+    tokens[i, length - len(s):] = s
+    mask[i, length - len(s):] = 1
   return tokens, mask
 
 
-@functools.partial(jax.jit, static_argnames=("config", "graphdef", "max_new_tokens", "eos_ids",
-                                             "sample"))
 def generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens: int,
-             eos_ids: tuple[int, ...] = (), sample: bool = False, temperature=1.0, rng=None,
+             eos_ids: Sequence[int] = (), sample: bool = False, temperature=1.0, rng=None,
              pad_id: int = 0):
   """Greedy (or temperature-sampled) continuation of left-padded prompts.
 
   Returns (new_tokens [B, max_new_tokens] padded with `pad_id` after EOS, lengths [B]
   counting the EOS token when one was produced). Stops early once every row is done.
   """
+  total = prompt_tokens.shape[1] + max_new_tokens
+  if total > config.max_position_embeddings:
+    logging.warning("prompt (%d) + max_new_tokens (%d) exceeds max_position_embeddings=%d",
+                    prompt_tokens.shape[1], max_new_tokens, config.max_position_embeddings)
+  # Canonical (hashable, tuple) static arguments so equal calls share one compilation.
+  return _generate(config, graphdef, params, tuple(lora_lib.as_adapter_list(adapters)),
+                   prompt_tokens, prompt_mask, max_new_tokens=int(max_new_tokens),
+                   eos_ids=tuple(sorted(set(int(e) for e in eos_ids))), sample=bool(sample),
+                   temperature=temperature, rng=rng, pad_id=pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "graphdef", "max_new_tokens", "eos_ids",
+                                             "sample"))
+def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens,
+              eos_ids, sample, temperature, rng, pad_id):
   B, P = prompt_tokens.shape
   cache = llama.init_cache(config, B, P + max_new_tokens)
   logits, cache = llama.forward(graphdef, params, adapters, prompt_tokens,

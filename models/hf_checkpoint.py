@@ -74,9 +74,27 @@ def load_config(model_dir: str | os.PathLike, **overrides) -> LlamaConfig:
   return LlamaConfig.from_json_file(path, **overrides)
 
 
+def generation_eos_ids(model_dir: str | os.PathLike) -> tuple[int, ...]:
+  """EOS ids from generation_config.json (Llama-3 instruct models list several), if present."""
+  path = Path(model_dir) / "generation_config.json"
+  if not path.is_file():
+    return ()
+  try:
+    eos = json.loads(path.read_text()).get("eos_token_id")
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  if eos is None:
+    return ()
+  return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
   """Map tensor name -> safetensors file, from the index or the single file."""
   index = model_dir / INDEX_FILE
+  single = model_dir / SINGLE_FILE
+  if index.is_file() and single.is_file():
+    raise CheckpointError(f"{model_dir}: both {SINGLE_FILE} and {INDEX_FILE} exist, so it is "
+                          "ambiguous which weights are current; remove the stale one")
   if index.is_file():
     try:
       weight_map = json.loads(index.read_text())["weight_map"]
@@ -87,7 +105,6 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
       if not f.is_file():
         raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
     return files
-  single = model_dir / SINGLE_FILE
   if not single.is_file():
     found = sorted(p.name for p in model_dir.iterdir())
     hint = (" (only PyTorch .bin weights found: convert them to safetensors)"
@@ -140,14 +157,16 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig | None = None,
   files = _tensor_files(model_dir)
   dtype = config.jnp_param_dtype
   L = config.num_layers
-  per_layer: dict[str, list] = {k: [None] * L for k in abstract["layers"]}
-  params: dict = {"layers": {}}
+  # Stacked host buffers filled layer by layer: peak host memory ~ one copy of the model.
+  stacked = {k: np.empty(v.shape, v.dtype) for k, v in abstract["layers"].items()}
+  seen: set[str] = set()
+  params: dict = {}
   unknown = []
   for name, array in _read_tensors(files):
     route = _route(name)
     if route is None:
       if not _IGNORED_KEYS.fullmatch(name):
-        unknown.append(name)
+        unknown.append(f"{name} (in {files[name].name})")
       continue
     path, layer, transpose = route
     if path == ("lm_head",) and config.tie_word_embeddings:
@@ -164,21 +183,21 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig | None = None,
                             f"config.json implies {want_shape}")
     if transpose:
       array = array.T
-    array = np.asarray(array).astype(dtype)
     if layer is None:
-      params[path[0]] = jnp.asarray(array)
+      params[path[0]] = jnp.asarray(np.asarray(array).astype(dtype))
     else:
-      per_layer[path[1]][layer] = array
+      stacked[path[1]][layer] = array  # casts into the buffer's dtype
+    seen.add(name)
   if unknown:
     raise CheckpointError(f"{model_dir}: tensors this LLaMA implementation does not know: "
                           f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-  missing = [f"model.layers.{i}.{k}" for k, arrs in per_layer.items()
-             for i, a in enumerate(arrs) if a is None]
-  missing += [k for k in abstract if k != "layers" and k not in params]
+  expected = [_hf_name(("layers", k), i) for k in stacked for i in range(L)]
+  expected += [_hf_name((k,), None) for k in abstract if k != "layers"]
+  missing = [name for name in expected if name not in seen]
   if missing:
-    raise CheckpointError(f"{model_dir}: missing tensors for {missing[:5]}"
+    raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-  params["layers"] = {k: jnp.asarray(np.stack(arrs)) for k, arrs in per_layer.items()}
+  params["layers"] = {k: jnp.asarray(v) for k, v in stacked.items()}
   if log:
     log(f"loaded {config.num_params() / 1e6:.1f}M parameters from {model_dir} as {dtype}")
   return config, graphdef, params
@@ -220,6 +239,9 @@ def save_params(out_dir: str | os.PathLike, config: LlamaConfig, params: dict,
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   tensors = to_hf_tensors(config, jax.device_get(params))
+  # Remove weights of an earlier save so the directory has exactly one current layout.
+  for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+    stale.unlink(missing_ok=True)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, array in tensors.items():

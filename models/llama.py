@@ -70,7 +70,8 @@ class Llama(nnx.Module):
     tokens: int [B, T]. attention_mask: [B, T], 1 for real tokens (default all ones).
     positions: int [B, T] RoPE positions (default: count of real tokens before each one).
     cache: from `init_cache`; the T new tokens are written at `cache['index']`.
-    dropout_rng: enables LoRA dropout (training); None = deterministic.
+    dropout_rng: enables LoRA dropout (training); None = deterministic. Under `vmap` over
+      clients pass one key per client (vmapped), or every client draws the same mask.
     """
     cfg = self.config
     B, T = tokens.shape

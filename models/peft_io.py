@@ -54,6 +54,9 @@ def export_adapter(out_dir: str | os.PathLike, adapter: lora_lib.LoraAdapter, nu
     if a.ndim != 3:
       raise AdapterError(f"export expects one adapter [layers, in, r]; {target}.a has shape "
                          f"{a.shape} (select a client before exporting)")
+    if a.shape[0] != len(layers) or b.shape[0] != len(layers):
+      raise AdapterError(f"{target}: adapter holds {a.shape[0]} layers but num_layers="
+                         f"{num_layers} and spec.layers={spec.layers} give {len(layers)}")
     for slot, layer in enumerate(layers):
       tensors[peft_key(layer, target, "A")] = np.ascontiguousarray(a[slot].T)
       tensors[peft_key(layer, target, "B")] = np.ascontiguousarray(b[slot].T)
@@ -140,9 +143,16 @@ def import_adapter(adapter_dir: str | os.PathLike, config: LlamaConfig,
   targets = tuple(t for t in lora_lib.ALL_TARGETS if any(k[0] == t for k in found))
   layers = tuple(sorted({k[1] for k in found}))
   rank = int(cfg["r"])
+  declared = cfg.get("layers_to_transform")
+  if isinstance(declared, int):
+    declared = [declared]
+  if declared is not None and tuple(sorted(declared)) != layers:
+    raise AdapterError(f"{adapter_dir / ADAPTER_CONFIG}: layers_to_transform={declared} but "
+                       f"{weights.name} holds layers {list(layers)}")
   spec = lora_lib.LoraSpec(
       rank=rank, alpha=float(cfg["lora_alpha"]), targets=targets,
-      layers=None if len(layers) == config.num_layers else layers,
+      # Keep the exporter's choice: an explicit list stays explicit, so specs round-trip.
+      layers=None if declared is None and len(layers) == config.num_layers else layers,
       dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=bool(cfg.get("use_rslora")))
   params = {}
   for target in targets:

@@ -12,9 +12,6 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-torch = pytest.importorskip("torch", reason="parity tests need the [torch] extra")
-transformers = pytest.importorskip("transformers")
-
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, rms_norm_eps=1e-5, rope_theta=1e4,
             max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
@@ -24,6 +21,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def make_hf_llama(path, seed=0, **overrides):
   """Saves a random float32 LlamaForCausalLM with `save_pretrained`; returns the torch model."""
+  torch = pytest.importorskip("torch", reason="reference models need the [torch] extra")
+  import transformers
   kwargs = {**TINY, **overrides}
   if "rope_scaling" in kwargs:  # transformers 5 takes rope settings as rope_parameters
     kwargs["rope_parameters"] = {**kwargs.pop("rope_scaling"), "rope_theta": kwargs["rope_theta"]}

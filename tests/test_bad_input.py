@@ -1,7 +1,8 @@
 """Bad checkpoints, configs and adapters raise errors that name the problem."""
 
 import json
-import shutil
+
+import numpy as np
 
 import jax
 import pytest
@@ -9,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import hf_checkpoint, peft_io
 from models import lora as lora_lib
-from models.config import UnsupportedConfigError
+from models.config import ConfigError, UnsupportedConfigError
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_missing_shard_and_missing_tensor(checkpoint, tmp_path):
   tensors = load_file(checkpoint / "model.safetensors")
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, checkpoint / "model.safetensors", metadata={"format": "pt"})
-  with pytest.raises(hf_checkpoint.CheckpointError, match=r"model\.layers\.1\.up_proj"):
+  with pytest.raises(hf_checkpoint.CheckpointError, match=r"missing tensors \['model\.layers\.1\.mlp\.up_proj\.weight'\]"):
     hf_checkpoint.load_params(checkpoint)
 
 
@@ -105,3 +106,35 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(hf_checkpoint.CheckpointError, match="could not be downloaded"):
     hf_checkpoint.resolve_model_dir("meta-llama/Llama-3.2-1B")
+
+
+def test_resave_replaces_old_layout_and_ambiguous_layout_is_rejected(checkpoint, tmp_path):
+  config, _, params = hf_checkpoint.load_params(checkpoint)
+  out = tmp_path / "resave"
+  hf_checkpoint.save_params(out, config, params, max_shard_bytes=60_000)
+  changed = jax.tree.map(lambda x: x + 1, params)
+  hf_checkpoint.save_params(out, config, changed)  # single file now; old shards must go
+  assert not (out / hf_checkpoint.INDEX_FILE).exists()
+  assert not list(out.glob("model-*-of-*.safetensors"))
+  _, _, again = hf_checkpoint.load_params(out)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               changed, again)
+  (out / hf_checkpoint.INDEX_FILE).write_text("{}")
+  with pytest.raises(hf_checkpoint.CheckpointError, match="both model.safetensors and"):
+    hf_checkpoint.load_params(out)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("hidden_size"), r"missing required field\(s\) \['hidden_size'\]"),
+    (lambda c: c.update(num_key_value_heads=3), "num_heads=4 is not a multiple of num_kv_heads=3"),
+    (lambda c: c.update(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     "unsupported rope_scaling=.*disagrees with rope_parameters"),
+    (lambda c: c.update(rope_parameters={**c["rope_parameters"], "partial_rotary_factor": 0.5}),
+     "unsupported rope_parameters.partial_rotary_factor=0.5"),
+])
+def test_inconsistent_config_names_file_and_field(checkpoint, edit, message):
+  cfg = json.loads((checkpoint / "config.json").read_text())
+  edit(cfg)
+  (checkpoint / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ConfigError, match=f"config.json: .*{message}"):
+    hf_checkpoint.load_params(checkpoint)

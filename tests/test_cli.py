@@ -34,19 +34,27 @@ def test_make_tiny_model_and_generate(tmp_path):
   config = hf_checkpoint.load_config(model_dir)
   assert config.num_layers == 2
 
-  adapter = lora_lib.init_adapter(config, lora_lib.LoraSpec(rank=2, alpha=4), jax.random.key(0))
-  peft_io.export_adapter(tmp_path / "adapter", adapter, config.num_layers, str(model_dir))
+  fresh = lora_lib.init_adapter(config, lora_lib.LoraSpec(rank=2, alpha=4), jax.random.key(0))
+  peft_io.export_adapter(tmp_path / "fresh", fresh, config.num_layers, str(model_dir))
+  trained = fresh.replace(params=jax.tree.map(
+      lambda x: x + 2.0 * jax.random.normal(jax.random.key(1), x.shape), fresh.params))
+  peft_io.export_adapter(tmp_path / "trained", trained, config.num_layers, str(model_dir))
 
-  prompts = ["--prompt=Patient denies chest pain.", "--prompt=BP 120/80"]
-  plain = _run("launch.generate", f"--model={model_dir}", *prompts, "--max_new_tokens=8")
+  prompts = ["--prompt=Patient denies chest pain.", "--prompt=BP 120/80", "--prompt=x"]
+  generate = lambda *extra: _run("launch.generate", f"--model={model_dir}", *prompts,
+                                 "--max_new_tokens=8", "--batch_size=2", *extra)
+  plain = generate()
   assert plain.returncode == 0, plain.stderr
-  assert plain.stdout.count("### completion") == 2
-  assert "Patient denies chest pain." in plain.stdout
-  # A fresh adapter (B = 0) leaves the base model's greedy output unchanged.
-  adapted = _run("launch.generate", f"--model={model_dir}", f"--adapter={tmp_path / 'adapter'}",
-                 *prompts, "--max_new_tokens=8")
-  assert adapted.returncode == 0, adapted.stderr
-  assert adapted.stdout == plain.stdout
+  blocks = plain.stdout.split("### prompt\n")[1:]
+  assert [b.split("\n")[0] for b in blocks] == ["Patient denies chest pain.", "BP 120/80", "x"]
+  assert all(b.split("### completion\n")[1].strip() for b in blocks), plain.stdout
+  # A fresh adapter (B = 0) leaves the greedy output unchanged; a trained one changes it.
+  same = generate(f"--adapter={tmp_path / 'fresh'}")
+  assert same.returncode == 0, same.stderr
+  assert same.stdout == plain.stdout
+  changed = generate(f"--adapter={tmp_path / 'trained'}")
+  assert changed.returncode == 0, changed.stderr
+  assert changed.stdout != plain.stdout
 
   missing = _run("launch.generate", f"--model={tmp_path / 'nope'}", "--prompt=x")
   assert missing.returncode != 0

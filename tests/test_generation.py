@@ -1,19 +1,26 @@
-"""KV-cache decoding equals repeated full forward passes and transformers' greedy generate."""
+"""KV-cache decoding equals repeated full forward passes and transformers' greedy generate.
+
+The models are made sharp (large weights) so that positions and cache contents change the
+greedy tokens, and EOS ids are picked from tokens the reference really produces, so early
+stopping, lengths and padding after EOS are exercised.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
+import pytest
 
 from models import generation, hf_checkpoint, llama
 from models import lora as lora_lib
 from models.config import LlamaConfig
 
 
-def _reference_greedy(graphdef, params, adapters, prompt, n, eos):
+def _reference_greedy(graphdef, params, adapters, prompt, n, eos=()):
   """Greedy decoding by re-running the full forward pass (no cache) on the growing sequence,
   right-padded to a fixed length so it compiles once."""
-  full = jax.jit(lambda toks, m: llama.forward(graphdef, params, adapters, toks, attention_mask=m)[0])
+  full = jax.jit(lambda toks, m: llama.forward(
+      graphdef, params, adapters, toks, attention_mask=m,
+      positions=jnp.arange(toks.shape[1])[None])[0])
   width = len(prompt) + n
   seq = list(prompt)
   out = []
@@ -30,45 +37,65 @@ def _reference_greedy(graphdef, params, adapters, prompt, n, eos):
   return out
 
 
-def test_cache_decoding_matches_full_forward_and_batching():
+@pytest.fixture(scope="module")
+def sharp_model():
   config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                       num_heads=4, num_kv_heads=1, eos_token_id=5)
+                       num_heads=4, num_kv_heads=1, eos_token_id=None)
   graphdef, params = llama.init_model(config, seed=3)
-  params = jax.tree.map(lambda x: x * 4 if x.ndim == 3 else x, params)  # sharper logits
+  params = jax.tree.map(lambda x: x * 8 if x.ndim >= 2 else x, params)
   adapter = lora_lib.init_adapter(config, lora_lib.LoraSpec(rank=2, alpha=4), jax.random.key(1))
-  adapter = adapter.replace(params=jax.tree.map(lambda x: x + 0.3, adapter.params))
+  adapter = adapter.replace(params=jax.tree.map(
+      lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), adapter.params))
+  return config, graphdef, params, (adapter,)
+
+
+def test_cache_decoding_matches_full_forward_and_batching(sharp_model):
+  config, graphdef, params, adapters = sharp_model
   prompts = [[7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33]]
+  free = [_reference_greedy(graphdef, params, adapters, p, 12) for p in prompts]
+  assert all(len(set(f)) > 4 for f in free), "reference should not be a constant token"
+  eos = (free[0][4],)  # prompt 0 stops at step 5; the others stop where (if) they meet it
   tokens, mask = generation.left_pad(prompts, pad_id=0)
   assert tokens.shape == (3, 16)
-  out, lengths = generation.generate(config, graphdef, params, [adapter], jnp.asarray(tokens),
-                                     jnp.asarray(mask), max_new_tokens=12, eos_ids=(5,))
+  out, lengths = generation.generate(config, graphdef, params, adapters, jnp.asarray(tokens),
+                                     jnp.asarray(mask), max_new_tokens=12, eos_ids=eos, pad_id=96)
+  assert int(lengths[0]) <= 5
   for i, p in enumerate(prompts):
-    ref = _reference_greedy(graphdef, params, [adapter], p, 12, (5,))
+    ref = _reference_greedy(graphdef, params, adapters, p, 12, eos)
     assert int(lengths[i]) == len(ref)
-    assert np.asarray(out[i, :len(ref)]).tolist() == ref
+    assert np.asarray(out[i]).tolist() == ref + [96] * (12 - len(ref))
     # One prompt at a time gives the same tokens as the padded batch.
     t1, m1 = generation.left_pad([p], pad_id=0)
-    single, _ = generation.generate(config, graphdef, params, [adapter], jnp.asarray(t1),
-                                    jnp.asarray(m1), max_new_tokens=12, eos_ids=(5,))
+    single, _ = generation.generate(config, graphdef, params, adapters, jnp.asarray(t1),
+                                    jnp.asarray(m1), max_new_tokens=12, eos_ids=eos, pad_id=96)
     np.testing.assert_array_equal(single[0], out[i])
 
 
 def test_matches_transformers_generate(hf_llama):
-  path, model = hf_llama(num_key_value_heads=2)
+  torch = pytest.importorskip("torch")
+  path, model = hf_llama(num_key_value_heads=2, initializer_range=0.3)
   config, graphdef, params = hf_checkpoint.load_params(path)
   prompts = [[11, 12, 13, 14, 15, 16], [40, 41, 42]]
   tokens, mask = generation.left_pad(prompts, pad_id=0, length=8)
+
+  def hf(eos):
+    with torch.no_grad():
+      return model.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
+                            attention_mask=torch.tensor(mask, dtype=torch.long),
+                            max_new_tokens=10, min_new_tokens=0, do_sample=False,
+                            pad_token_id=0, eos_token_id=eos).numpy()[:, 8:]
+
+  free = hf(None)
+  assert len(set(free[0].tolist())) > 3
+  eos = int(free[0][3])
+  ref = hf(eos)
   out, lengths = generation.generate(config, graphdef, params, (), jnp.asarray(tokens),
-                                     jnp.asarray(mask), max_new_tokens=10,
-                                     eos_ids=config.eos_ids)
-  with torch.no_grad():
-    ref = model.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
-                         attention_mask=torch.tensor(mask, dtype=torch.long),
-                         max_new_tokens=10, do_sample=False, pad_token_id=0,
-                         eos_token_id=config.eos_ids[0]).numpy()[:, 8:]
+                                     jnp.asarray(mask), max_new_tokens=10, eos_ids=(eos,))
+  assert int(lengths[0]) == 4
   for i in range(len(prompts)):
     n = int(lengths[i])
     assert np.asarray(out[i, :n]).tolist() == ref[i, :n].tolist()
+    assert (ref[i, n:] == 0).all() and (np.asarray(out[i, n:]) == 0).all()
 
 
 def test_sampling_is_seeded():
@@ -81,3 +108,8 @@ def test_sampling_is_seeded():
       sample=True, temperature=2.0, rng=jax.random.key(seed))[0]
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0), run(1))
+
+
+def test_left_pad_rejects_empty_prompt():
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    generation.left_pad([[1, 2], []], pad_id=0)

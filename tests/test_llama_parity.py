@@ -124,3 +124,13 @@ def test_remat_policies_keep_gradients(policy):
   ref = grads(base_cfg)
   got = grads(base_cfg.replace(remat=policy))
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ref, got)
+
+
+def test_bf16_checkpoint_written_by_torch_loads_exactly(hf_llama, tmp_path):
+  path, model = hf_llama(num_key_value_heads=2)
+  model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  config = hf_checkpoint.load_config(tmp_path / "bf16", param_dtype="bfloat16")
+  _, _, params = hf_checkpoint.load_params(tmp_path / "bf16", config)
+  q = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T
+  assert params["layers"]["q_proj"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(params["layers"]["q_proj"][1], np.float32), q)
