@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="parity with transformers needs the [torch] extra")
 
 from models import hf_checkpoint, llama
 
