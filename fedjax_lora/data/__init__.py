@@ -1,0 +1,1 @@
+"""Clinical information-extraction data: corpus readers, sites, instruction tasks, tokenization."""
