@@ -21,6 +21,12 @@ def load_tokenizer(model_dir: str | os.PathLike):
     raise TokenizerError(f"{model_dir}: no tokenizer.json or tokenizer.model; copy the "
                          "tokenizer files into the checkpoint directory")
   try:
+    if not (model_dir / "tokenizer_config.json").is_file() and \
+        (model_dir / "tokenizer.model").is_file():
+      # A bare SentencePiece model (e.g. LLaMA-2's tokenizer.model) has no config naming its
+      # class; AutoTokenizer would guess tiktoken.
+      from transformers import LlamaTokenizer
+      return LlamaTokenizer.from_pretrained(str(model_dir))
     return AutoTokenizer.from_pretrained(str(model_dir))
   except Exception as e:
     raise TokenizerError(f"{model_dir}: tokenizer files could not be loaded "

@@ -1,0 +1,140 @@
+"""Tokenizing examples once (cached as Arrow via `datasets`) into fixed-shape site arrays.
+
+Sequences are `<s> prompt target </s>`, tokenized as one string so the prompt/target
+boundary tokenizes exactly as at training time; the boundary token index comes from the
+tokenizer's character offsets. The loss covers the whole sequence by default, as in the
+paper's released code (`completion_only_loss=False`), or only the target. Per-site token
+counts n_k (supervised positions after the causal shift) are the Fed-MedLoRA weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedjax_lora.data.tasks import Example
+
+LOSS_MODES = ("full", "completion")
+CACHE_VERSION = 1  # bump when the encoding below changes
+
+
+@dataclasses.dataclass
+class SiteArrays:
+  """One split of one site, padded to a bucketed length.
+
+  tokens / attention_mask / loss_mask: [N, L]; loss_mask[i, t] = 1 where token t is a
+  supervised target (see fedjax_lora.losses.causal_lm_loss).
+  """
+  tokens: np.ndarray
+  attention_mask: np.ndarray
+  loss_mask: np.ndarray
+  prompt_lengths: np.ndarray  # tokens before the target (incl. <s>), for generation
+  truncated: int
+
+  @property
+  def token_count(self) -> int:
+    return int(self.loss_mask[:, 1:].sum())
+
+  def __len__(self) -> int:
+    return int(self.tokens.shape[0])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  """Changes whenever the vocabulary, merges or normalisation change."""
+  backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+  blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(),
+                                                                sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+  h = hashlib.sha256()
+  for ex in examples:
+    for part in (ex.prompt, ex.target):
+      h.update(part.encode())
+      h.update(b"\x00")
+  return h.hexdigest()[:16]
+
+
+def cache_key(data_config: dict, tokenizer, examples: Sequence[Example], max_length: int) -> str:
+  blob = json.dumps({"config": data_config, "tokenizer": tokenizer_fingerprint(tokenizer),
+                     "examples": examples_fingerprint(examples), "max_length": max_length,
+                     "version": CACHE_VERSION}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _encode_batch(batch, tokenizer, max_length):
+  enc = tokenizer([p + t for p, t in zip(batch["prompt"], batch["target"])],
+                  add_special_tokens=False, return_offsets_mapping=True)
+  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+  out = {"input_ids": [], "prompt_length": [], "truncated": []}
+  for ids, offsets, prompt in zip(enc["input_ids"], enc["offset_mapping"], batch["prompt"]):
+    cut = len(prompt)
+    n_prompt = sum(1 for start, _ in offsets if start < cut)
+    seq = ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
+    n_prompt += int(bos is not None)
+    out["truncated"].append(len(seq) > max_length)
+    out["input_ids"].append(seq[:max_length])
+    out["prompt_length"].append(min(n_prompt, max_length))
+  return out
+
+
+def encode(examples: Sequence[Example], tokenizer, max_length: int = 800,
+           cache_dir: str | os.PathLike | None = None, data_config: dict | None = None):
+  """A `datasets.Dataset` of token ids, from the Arrow cache when the key matches."""
+  import datasets
+
+  if max_length < 2:
+    raise ValueError(f"max_length must be >= 2, got {max_length}")
+  path = None
+  if cache_dir is not None:
+    key = cache_key(data_config or {}, tokenizer, examples, max_length)
+    path = Path(cache_dir) / f"encoded-{key}"
+    if (path / "dataset_info.json").is_file():
+      return datasets.load_from_disk(str(path))
+  raw = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
+                                    "target": [e.target for e in examples]})
+  ds = raw.map(_encode_batch, batched=True, batch_size=256, remove_columns=["prompt", "target"],
+               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+               load_from_cache_file=False, desc="tokenizing")
+  if path is not None:
+    tmp = path.with_name(path.name + ".tmp")
+    ds.save_to_disk(str(tmp))
+    os.replace(tmp, path)  # a crash mid-write never leaves a half cache under the real key
+    ds = datasets.load_from_disk(str(path))
+  return ds
+
+
+def bucketed_length(longest: int, max_length: int, minimum: int = 16) -> int:
+  """Next power of two >= longest, capped at max_length, so few shapes get compiled."""
+  return min(max_length, max(minimum, 1 << max(0, int(longest - 1).bit_length())))
+
+
+def to_arrays(encoded, pad_id: int, max_length: int, loss: str = "full",
+              length: int | None = None) -> SiteArrays:
+  """Pads one split to [N, L]; L is bucketed unless `length` fixes it (e.g. across sites)."""
+  if loss not in LOSS_MODES:
+    raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
+  ids = encoded["input_ids"]
+  prompt_lengths = np.asarray(encoded["prompt_length"], np.int32).reshape(-1)
+  longest = max((len(s) for s in ids), default=1)
+  length = length or bucketed_length(longest, max_length)
+  if longest > length:
+    raise ValueError(f"sequence of {longest} tokens does not fit length {length}")
+  n = len(ids)
+  tokens = np.full((n, length), pad_id, np.int32)
+  attention = np.zeros((n, length), bool)
+  for i, s in enumerate(ids):
+    tokens[i, :len(s)] = s
+    attention[i, :len(s)] = True
+  loss_mask = attention.copy()
+  if loss == "completion":
+    loss_mask &= np.arange(length)[None, :] >= prompt_lengths[:, None]
+  return SiteArrays(tokens, attention, loss_mask.astype(np.float32), prompt_lengths,
+                    int(sum(encoded["truncated"])))

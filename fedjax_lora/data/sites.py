@@ -1,0 +1,268 @@
+"""Building federated sites from a data config: corpora -> dedup -> windows -> examples.
+
+A *source* is one corpus with its labels, tasks and windowing (a `config.sites` entry).
+With the natural partition every source is a site; the other partitioners pool the
+training sources' documents and re-split them into `num_sites` sites. Prompts always
+list the labels of an example's own source, so pooling never asks a model for types
+that source does not annotate. Everything removed on the way is counted in the report.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from fedjax_lora.data import dedup, partition, tasks, windows
+from fedjax_lora.data.corpora import load_corpus
+from fedjax_lora.data.records import Corpus, DataError, Document
+
+SPLITS = ("train", "dev", "test")
+ROLES = ("train", "external")
+MARKUP_TOKENS_PER_MENTION = 12  # '<span class="X">' + '</span>' in LLaMA-2 pieces, roughly
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  name: str
+  corpus: str
+  splits: Mapping[str, str | None]        # our split -> corpus split (None: not used)
+  tasks: Sequence[str] = ("ner",)
+  labels: tasks.LabelSpec = tasks.LabelSpec()
+  unit: str = "sentence"
+  pack: bool = True
+  window_tokens: int | None = None        # text budget per window; None: derived from max_length
+  empty_fraction: float = 1.0
+  discontinuous: str = "first_fragment"
+  max_train_examples: int = 0             # 0: no cap
+  role: str = "train"
+
+
+def source_from_config(name: str, cfg) -> SourceSpec:
+  """A SourceSpec from one `config.sites.<name>` ConfigDict (or plain dict)."""
+  get = cfg.get
+  labels = get("labels", {}) or {}
+  labels = dict(labels) if not hasattr(labels, "to_dict") else labels.to_dict()
+  allowed = {f.name for f in dataclasses.fields(tasks.LabelSpec)}
+  unknown = set(labels) - allowed
+  if unknown:
+    raise DataError(f"config.sites.{name}.labels: unknown field(s) {sorted(unknown)}; "
+                    f"allowed: {sorted(allowed)}")
+  spec = SourceSpec(
+      name=name, corpus=get("corpus"),
+      splits={s: get(f"{s}_split", s) for s in SPLITS},
+      tasks=tuple(get("tasks", ("ner",))), labels=tasks.LabelSpec(**labels),
+      unit=get("unit", "sentence"), pack=bool(get("pack", True)),
+      window_tokens=get("window_tokens", None), empty_fraction=float(get("empty_fraction", 1.0)),
+      discontinuous=get("discontinuous", "first_fragment"),
+      max_train_examples=int(get("max_train_examples", 0) or 0), role=get("role", "train"))
+  if not spec.corpus:
+    raise DataError(f"config.sites.{name}: `corpus` is required")
+  if spec.role not in ROLES:
+    raise DataError(f"config.sites.{name}.role must be one of {ROLES}, got {spec.role!r}")
+  for t in spec.tasks:
+    if t not in tasks.TASKS:
+      raise DataError(f"config.sites.{name}.tasks: unknown task {t!r}; choose from {tasks.TASKS}")
+  if spec.unit not in windows.UNITS:
+    raise DataError(f"config.sites.{name}.unit must be one of {windows.UNITS}")
+  if not 0.0 <= spec.empty_fraction <= 1.0:
+    raise DataError(f"config.sites.{name}.empty_fraction must be in [0, 1]")
+  return spec
+
+
+@dataclasses.dataclass
+class Site:
+  name: str
+  role: str
+  sources: list[str]
+  examples: dict[str, list[tasks.Example]]
+  documents: dict[str, list[str]]         # split -> ids of the corpus documents it holds
+  stats: dict[str, dict]                  # split -> counts for the report
+  skipped: collections.Counter
+
+
+@dataclasses.dataclass
+class _Prepared:
+  spec: SourceSpec
+  labels: tuple[list[str], list[str]]
+  windows: dict[str, list[list[Document]]]  # split -> per corpus document, its windows
+  docs: dict[str, list[Document]]
+  skipped: collections.Counter
+
+
+def _stable_shuffle(items: list, seed: int, salt: str) -> list:
+  rng = np.random.default_rng(int(hashlib.sha256(f"{seed}:{salt}".encode()).hexdigest()[:8], 16))
+  return [items[i] for i in rng.permutation(len(items))]
+
+
+def _window_budget(spec: SourceSpec, docs: Sequence[Document], labels, max_length: int,
+                   count: windows.TokenCounter) -> int:
+  """Text tokens per window such that prompt + text + tagged text fits `max_length`."""
+  if spec.window_tokens:
+    return int(spec.window_tokens)
+  overhead = count([tasks.ner_prompt("", labels[0], spec.labels)])[0] + 8
+  sample = list(docs[:200])
+  text_tokens = sum(count([d.text for d in sample])) or 1
+  density = sum(len(d.entities) for d in sample) / text_tokens
+  budget = int((max_length - overhead) / (2 + MARKUP_TOKENS_PER_MENTION * density))
+  if budget < 16:
+    raise DataError(f"source {spec.name}: max_length {max_length} leaves only {budget} text "
+                    "tokens per window after the prompt; raise max_length")
+  return budget
+
+
+def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
+             others: Mapping[str, list[Document]], max_length: int,
+             count: windows.TokenCounter, seed: int) -> _Prepared:
+  skipped = collections.Counter()
+  docs = {}
+  for split, corpus_split in spec.splits.items():
+    if corpus_split is None:
+      continue
+    corpus = corpora[(spec.corpus, corpus_split)]
+    for reason, n in corpus.skipped.items():
+      skipped[f"{split}: reader: {reason}"] += n
+    kept = corpus.documents
+    if split == "test":
+      twins = {}
+      for other_name, other_docs in others.items():
+        if other_name != spec.corpus:
+          for doc_id, why in dedup.overlapping(kept, other_docs).items():
+            twins.setdefault(doc_id, f"{other_name} ({why.split()[0]})")
+      for why in twins.values():
+        skipped[f"test: document also in {why}"] += 1
+      kept = [d for d in kept if d.id not in twins]
+    docs[split] = kept
+  label_docs = docs.get("train") or docs.get("test") or next(iter(docs.values()))
+  labels = tasks.source_labels(label_docs, spec.labels)
+  budget = _window_budget(spec, label_docs, labels, max_length, count)
+  wins = {}
+  for split, split_docs in docs.items():
+    report = windows.WindowReport()
+    wins[split] = [windows.split_document(d, budget, spec.unit, spec.pack, count, report)
+                   for d in split_docs]
+    skipped[f"{split}: relations split across windows"] += report.relations_across_windows
+    skipped[f"{split}: relations lost entirely (no pair in one window)"] += \
+        report.concept_relations_lost
+  return _Prepared(spec, labels, wins, docs, +skipped)
+
+
+def _examples(prep: _Prepared, split: str, members: Sequence[int], seed: int,
+              report: tasks.TaskReport) -> list[tasks.Example]:
+  spec = prep.spec
+  wins = [w for i in members for w in prep.windows[split][i]]
+  return tasks.build_examples(spec.name, wins, spec.tasks, spec.labels, prep.labels, report,
+                              spec.discontinuous, spec.empty_fraction, seed)
+
+
+def _stats(examples: Sequence[tasks.Example], documents: int) -> dict:
+  by_task = collections.Counter(e.task for e in examples)
+  ent = collections.Counter(s.label for e in examples if e.task == "ner" for s in e.spans)
+  rel = collections.Counter(s.label for e in examples if e.task == "re" for s in e.spans)
+  return {"documents": documents, "examples": dict(sorted(by_task.items())),
+          "entities": dict(sorted(ent.items())), "relations": dict(sorted(rel.items()))}
+
+
+def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_token_count,
+                log: Callable[[str], None] = lambda s: None) -> dict[str, Site]:
+  """All sites of a data config (see configs/data_*.py), deterministic for config.seed."""
+  seed = int(config.get("seed", 0))
+  max_length = int(config.get("max_length", 800))
+  specs = [source_from_config(name, cfg) for name, cfg in config.sites.items()]
+  if not specs:
+    raise DataError("config.sites is empty")
+  corpora = {}
+  for spec in specs:
+    for corpus_split in {s for s in spec.splits.values() if s is not None}:
+      if (spec.corpus, corpus_split) not in corpora:
+        log(f"reading {spec.corpus}/{corpus_split}")
+        corpora[(spec.corpus, corpus_split)] = load_corpus(spec.corpus, corpus_split, seed=seed)
+  everything = collections.defaultdict(list)
+  for (name, _), corpus in corpora.items():
+    everything[name].extend(corpus.documents)
+  prepared = {}
+  for spec in specs:
+    log(f"windowing {spec.name}")
+    prepared[spec.name] = _prepare(spec, corpora, everything, max_length, count_tokens, seed)
+
+  part = config.get("partition", None) or {}
+  kind = part.get("kind", "natural")
+  if kind not in partition.PARTITIONERS:
+    raise DataError(f"config.partition.kind must be one of {partition.PARTITIONERS}, got {kind!r}")
+  assignment = _assign(kind, part, prepared, seed)
+  sites = {}
+  for site_name, role, members in assignment:
+    report = tasks.TaskReport()
+    examples, documents, stats = {}, {}, {}
+    skipped = collections.Counter()
+    sources = sorted({src for split_members in members.values() for src, _ in split_members})
+    for src in sources:
+      if kind == "natural":
+        skipped.update(prepared[src].skipped)
+    for split in SPLITS:
+      split_members = members.get(split)
+      if split_members is None:
+        continue
+      by_source = collections.defaultdict(list)
+      for src, i in split_members:
+        by_source[src].append(i)
+      ex = []
+      for src, idx in by_source.items():
+        ex += _examples(prepared[src], split, idx, seed, report)
+      doc_ids = [prepared[src].docs[split][i].id for src, i in split_members]
+      if split == "train":
+        ex = _stable_shuffle(ex, seed, f"{site_name}:mix")
+        caps = [prepared[s].spec.max_train_examples for s in by_source]
+        cap = min([c for c in caps if c] or [0])
+        if cap and len(ex) > cap:
+          skipped[f"train: examples over max_train_examples={cap}"] += len(ex) - cap
+          ex = ex[:cap]
+      examples[split], documents[split] = ex, doc_ids
+      stats[split] = _stats(ex, len(doc_ids))
+    for reason, n in report.counts.items():
+      skipped[f"tasks: {reason}"] += n
+    sites[site_name] = Site(site_name, role, sources, examples, documents, stats, +skipped)
+  return sites
+
+
+def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int):
+  """[(site name, role, {split: [(source, corpus document index)]})]."""
+  out = []
+  external = [p for p in prepared.values() if p.spec.role == "external"]
+  training = [p for p in prepared.values() if p.spec.role == "train"]
+  if kind == "natural":
+    for p in training + external:
+      out.append((p.spec.name, p.spec.role,
+                  {s: [(p.spec.name, i) for i in range(len(d))] for s, d in p.docs.items()}))
+    return out
+  num_sites = int(part.get("num_sites", 0) or 0)
+  if num_sites < 1:
+    raise DataError(f"config.partition.num_sites must be >= 1 for partition {kind!r}")
+  alpha = float(part.get("alpha", 0.5))
+  pooled_members = [dict() for _ in range(num_sites)]
+  for split in SPLITS:
+    pool = [(p.spec.name, i) for p in training if split in p.docs for i in range(len(p.docs[split]))]
+    if not pool:
+      continue
+    split_seed = seed * 1000 + SPLITS.index(split)
+    if kind == "iid":
+      parts = partition.iid(len(pool), num_sites, split_seed)
+    elif kind == "quantity":
+      parts = partition.quantity(len(pool), num_sites, alpha, split_seed,
+                                 int(part.get("min_size", 1)))
+    else:
+      labels = [partition.dominant_label(
+          [prepared[src].spec.labels.entity_label(e.type) or "" for e in
+           prepared[src].docs[split][i].entities]) for src, i in pool]
+      parts = partition.dirichlet(labels, num_sites, alpha, split_seed,
+                                  int(part.get("min_size", 1)))
+    for s, idx in enumerate(parts):
+      pooled_members[s][split] = [pool[i] for i in idx]
+  out += [(f"site{s}", "train", m) for s, m in enumerate(pooled_members)]
+  for p in external:
+    out.append((p.spec.name, "external",
+                {s: [(p.spec.name, i) for i in range(len(d))] for s, d in p.docs.items()}))
+  return out

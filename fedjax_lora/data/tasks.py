@@ -1,0 +1,193 @@
+"""Instruction examples in the paper's HTML-markup style (method.md §6), for any corpus.
+
+NER: the prompt lists only the entity types the example's source annotates, so a type a
+site never labels is not taught as "absent". RE generalises the paper's modifier task:
+one anchor (head) entity is marked in the input; the output also marks every entity it is
+related to, with the relation type as the span class. Every mention or relation that
+cannot be expressed (overlap, discontinuity, unmapped type) is counted in `TaskReport`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from typing import Mapping, Sequence
+
+from fedjax_lora.data.markup import Span, render, select_flat
+from fedjax_lora.data.records import DataError, Document
+
+NER_TASK = ("### Task:\nYour task is to generate an HTML version of an input text, using HTML "
+            "<span> tags to mark up specific entities.\n")
+RE_TASK = ("### Task:\nYour task is to mark up modifier entities related to the entities "
+           "marked with <span> tag in the input text.\n")
+TASKS = ("ner", "re")
+DISCONTINUOUS_POLICIES = ("first_fragment", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpec:
+  """How one source's labels appear in prompts.
+
+  `entity_map` / `relation_map` rename corpus types (several to one merges them; None or ""
+  drops the type, counted). Types absent from a map keep their corpus name.
+  `entity_glosses` / `relation_glosses`: "Use <span class="T"> to denote GLOSS." text;
+  `entity_definitions`: optional longer "### Entity Definitions:" lines (paper template).
+  """
+  entity_map: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+  relation_map: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+  entity_glosses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  relation_glosses: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  entity_definitions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  entity_order: Sequence[str] = ()  # prompt order; default: sorted
+  undirected: Sequence[str] = ()  # corpus relation types that also hold tail -> head
+
+  def entity_label(self, corpus_type: str) -> str | None:
+    return self.entity_map.get(corpus_type, corpus_type) or None
+
+  def relation_label(self, corpus_type: str) -> str | None:
+    return self.relation_map.get(corpus_type, corpus_type) or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One instruction example; `spans` are the gold spans over `text` that evaluation scores."""
+  source: str
+  task: str
+  doc_id: str
+  prompt: str      # up to and including the "### Output Text:" line
+  target: str      # the HTML answer
+  text: str        # the plain input text
+  spans: tuple[Span, ...]
+  anchors: tuple[Span, ...] = ()  # RE: the marked head entity (not scored)
+
+
+@dataclasses.dataclass
+class TaskReport:
+  counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def add(self, reason: str, n: int = 1):
+    if n:
+      self.counts[reason] += n
+
+
+def _guides(labels: Sequence[str], glosses: Mapping[str, str]) -> str:
+  return "".join(f'Use <span class="{t}"> to denote {glosses.get(t, f"a {t} mention")}.\n'
+                 for t in labels)
+
+
+def ner_prompt(text: str, labels: Sequence[str], spec: LabelSpec) -> str:
+  parts = [NER_TASK, "\n### Entity Markup Guides:\n", _guides(labels, spec.entity_glosses)]
+  defs = [f"{t}: {spec.entity_definitions[t]}\n" for t in labels if t in spec.entity_definitions]
+  if defs:
+    parts += ["\n### Entity Definitions:\n", *defs]
+  parts += ["\n### Input Text:\n", text, "\n### Output Text:\n"]
+  return "".join(parts)
+
+
+def re_prompt(marked_text: str, entity_labels: Sequence[str], relation_labels: Sequence[str],
+              spec: LabelSpec) -> str:
+  return "".join([RE_TASK, "\n### Input Entity Markup Guides:\n",
+                  _guides(entity_labels, spec.entity_glosses),
+                  "\n### Modifier Entity Markup Guide:\n",
+                  _guides(relation_labels, spec.relation_glosses),
+                  "\n### Input Text:\n", marked_text, "\n\n### Output Text:\n"])
+
+
+def source_labels(docs: Sequence[Document], spec: LabelSpec) -> tuple[list[str], list[str]]:
+  """The (entity, relation) labels a source annotates after mapping: its prompt lists."""
+  ents = {spec.entity_label(e.type) for d in docs for e in d.entities} - {None}
+  rels = {spec.relation_label(r.type) for d in docs for r in d.relations} - {None}
+  order = [t for t in spec.entity_order if t in ents]
+  return order + sorted(ents - set(order)), sorted(rels)
+
+
+def mention_spans(doc: Document, spec: LabelSpec, policy: str, report: TaskReport):
+  """Entity id -> Span over doc.text in site labels, after the discontinuity policy."""
+  out = {}
+  for e in doc.entities:
+    label = spec.entity_label(e.type)
+    if label is None:
+      report.add(f"mention of unmapped type {e.type}")
+      continue
+    if e.discontinuous:
+      if policy == "drop":
+        report.add("discontinuous mention dropped")
+        continue
+      report.add("discontinuous mention: first fragment kept")
+    out[e.id] = Span(e.start, e.end, label)
+  return out
+
+
+def _keep(key: str, fraction: float, seed: int) -> bool:
+  if fraction >= 1.0:
+    return True
+  h = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+  return h / 2**64 < fraction
+
+
+def ner_examples(source: str, doc: Document, spans: Mapping[str, Span], labels: Sequence[str],
+                 spec: LabelSpec, report: TaskReport, empty_fraction: float = 1.0,
+                 seed: int = 0) -> list[Example]:
+  """One example per window. Windows without mentions are kept with `empty_fraction`."""
+  kept, dropped = select_flat(spans.values())
+  report.add("overlapping mention dropped (flat HTML)", len(dropped))
+  if not kept and not _keep(doc.id, empty_fraction, seed):
+    report.add("window without mentions not sampled (empty_fraction)")
+    return []
+  return [Example(source, "ner", doc.id, ner_prompt(doc.text, labels, spec),
+                  render(doc.text, kept), doc.text, tuple(kept))]
+
+
+def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
+                entity_labels: Sequence[str], relation_labels: Sequence[str], spec: LabelSpec,
+                report: TaskReport) -> list[Example]:
+  """One example per head mention that has at least one expressible relation."""
+  tails_by_head: dict[str, list[Span]] = collections.defaultdict(list)
+  for r in doc.relations:
+    label = spec.relation_label(r.type)
+    if label is None:
+      report.add(f"relation of unmapped type {r.type}")
+      continue
+    if r.head not in spans or r.tail not in spans:
+      report.add("relation with a dropped argument")
+      continue
+    tails_by_head[r.head].append(Span(spans[r.tail].start, spans[r.tail].end, label))
+    if r.type in spec.undirected:
+      tails_by_head[r.tail].append(Span(spans[r.head].start, spans[r.head].end, label))
+  examples = []
+  for head_id, tails in tails_by_head.items():
+    anchor = spans[head_id]
+    anchor_cover = [t for t in tails if t.start < anchor.end and anchor.start < t.end]
+    report.add("related mention overlapping its anchor", len(anchor_cover))
+    kept, dropped = select_flat(t for t in tails if t not in anchor_cover)
+    report.add("related mention overlapping another (flat HTML)", len(dropped))
+    if not kept:
+      report.add("relation example with nothing expressible")
+      continue
+    prompt = re_prompt(render(doc.text, [anchor]), entity_labels, relation_labels, spec)
+    examples.append(Example(source, "re", f"{doc.id}@{head_id}", prompt,
+                            render(doc.text, sorted([anchor, *kept])), doc.text, tuple(kept),
+                            (anchor,)))
+  return examples
+
+
+def build_examples(source: str, windows: Sequence[Document], tasks: Sequence[str],
+                   spec: LabelSpec, labels: tuple[Sequence[str], Sequence[str]],
+                   report: TaskReport, discontinuous: str = "first_fragment",
+                   empty_fraction: float = 1.0, seed: int = 0) -> list[Example]:
+  """All examples of the requested tasks for one source's windows, in document order."""
+  for t in tasks:
+    if t not in TASKS:
+      raise DataError(f"source {source}: unknown task {t!r}; choose from {TASKS}")
+  if discontinuous not in DISCONTINUOUS_POLICIES:
+    raise DataError(f"source {source}: discontinuous must be one of {DISCONTINUOUS_POLICIES}")
+  entity_labels, relation_labels = labels
+  out = []
+  for doc in windows:
+    spans = mention_spans(doc, spec, discontinuous, report)
+    if "ner" in tasks:
+      out += ner_examples(source, doc, spans, entity_labels, spec, report, empty_fraction, seed)
+    if "re" in tasks and relation_labels:
+      out += re_examples(source, doc, spans, entity_labels, relation_labels, spec, report)
+  return out
