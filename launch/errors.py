@@ -4,12 +4,13 @@ import sys
 
 from absl import app
 
+from fedjax_lora.data.records import DataError
 from models.config import ConfigError
 from models.hf_checkpoint import CheckpointError
 from models.peft_io import AdapterError
 from models.tokenizer import TokenizerError
 
-INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError)
+INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError, DataError)
 
 
 def run(main):

@@ -90,6 +90,7 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int = 800,
   """A `datasets.Dataset` of token ids, from the Arrow cache when the key matches."""
   import datasets
 
+  datasets.disable_progress_bars()  # callers log one line per split instead
   if max_length < 2:
     raise ValueError(f"max_length must be >= 2, got {max_length}")
   path = None

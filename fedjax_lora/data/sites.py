@@ -16,7 +16,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from fedjax_lora.data import dedup, partition, tasks, windows
+from fedjax_lora.data import dedup, partition, windows
+from fedjax_lora.data import tasks as task_lib
 from fedjax_lora.data.corpora import load_corpus
 from fedjax_lora.data.records import Corpus, DataError, Document
 
@@ -31,7 +32,7 @@ class SourceSpec:
   corpus: str
   splits: Mapping[str, str | None]        # our split -> corpus split (None: not used)
   tasks: Sequence[str] = ("ner",)
-  labels: tasks.LabelSpec = tasks.LabelSpec()
+  labels: task_lib.LabelSpec = task_lib.LabelSpec()
   unit: str = "sentence"
   pack: bool = True
   window_tokens: int | None = None        # text budget per window; None: derived from max_length
@@ -46,7 +47,7 @@ def source_from_config(name: str, cfg) -> SourceSpec:
   get = cfg.get
   labels = get("labels", {}) or {}
   labels = dict(labels) if not hasattr(labels, "to_dict") else labels.to_dict()
-  allowed = {f.name for f in dataclasses.fields(tasks.LabelSpec)}
+  allowed = {f.name for f in dataclasses.fields(task_lib.LabelSpec)}
   unknown = set(labels) - allowed
   if unknown:
     raise DataError(f"config.sites.{name}.labels: unknown field(s) {sorted(unknown)}; "
@@ -54,7 +55,7 @@ def source_from_config(name: str, cfg) -> SourceSpec:
   spec = SourceSpec(
       name=name, corpus=get("corpus"),
       splits={s: get(f"{s}_split", s) for s in SPLITS},
-      tasks=tuple(get("tasks", ("ner",))), labels=tasks.LabelSpec(**labels),
+      tasks=tuple(get("tasks", ("ner",))), labels=task_lib.LabelSpec(**labels),
       unit=get("unit", "sentence"), pack=bool(get("pack", True)),
       window_tokens=get("window_tokens", None), empty_fraction=float(get("empty_fraction", 1.0)),
       discontinuous=get("discontinuous", "first_fragment"),
@@ -64,8 +65,8 @@ def source_from_config(name: str, cfg) -> SourceSpec:
   if spec.role not in ROLES:
     raise DataError(f"config.sites.{name}.role must be one of {ROLES}, got {spec.role!r}")
   for t in spec.tasks:
-    if t not in tasks.TASKS:
-      raise DataError(f"config.sites.{name}.tasks: unknown task {t!r}; choose from {tasks.TASKS}")
+    if t not in task_lib.TASKS:
+      raise DataError(f"config.sites.{name}.tasks: unknown task {t!r}; choose from {task_lib.TASKS}")
   if spec.unit not in windows.UNITS:
     raise DataError(f"config.sites.{name}.unit must be one of {windows.UNITS}")
   if not 0.0 <= spec.empty_fraction <= 1.0:
@@ -78,7 +79,7 @@ class Site:
   name: str
   role: str
   sources: list[str]
-  examples: dict[str, list[tasks.Example]]
+  examples: dict[str, list[task_lib.Example]]
   documents: dict[str, list[str]]         # split -> ids of the corpus documents it holds
   stats: dict[str, dict]                  # split -> counts for the report
   skipped: collections.Counter
@@ -103,7 +104,10 @@ def _window_budget(spec: SourceSpec, docs: Sequence[Document], labels, max_lengt
   """Text tokens per window such that prompt + text + tagged text fits `max_length`."""
   if spec.window_tokens:
     return int(spec.window_tokens)
-  overhead = count([tasks.ner_prompt("", labels[0], spec.labels)])[0] + 8
+  prompts = [task_lib.ner_prompt("", labels[0], spec.labels)]
+  if "re" in spec.tasks:
+    prompts.append(task_lib.re_prompt("", labels[0], labels[1], spec.labels))
+  overhead = max(count(prompts)) + 8
   sample = list(docs[:200])
   text_tokens = sum(count([d.text for d in sample])) or 1
   density = sum(len(d.entities) for d in sample) / text_tokens
@@ -137,28 +141,28 @@ def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
       kept = [d for d in kept if d.id not in twins]
     docs[split] = kept
   label_docs = docs.get("train") or docs.get("test") or next(iter(docs.values()))
-  labels = tasks.source_labels(label_docs, spec.labels)
+  labels = task_lib.source_labels(label_docs, spec.labels)
   budget = _window_budget(spec, label_docs, labels, max_length, count)
   wins = {}
   for split, split_docs in docs.items():
     report = windows.WindowReport()
     wins[split] = [windows.split_document(d, budget, spec.unit, spec.pack, count, report)
                    for d in split_docs]
-    skipped[f"{split}: relations split across windows"] += report.relations_across_windows
+    skipped[f"{split}: relation mention pairs split across windows"] += report.relations_across_windows
     skipped[f"{split}: relations lost entirely (no pair in one window)"] += \
         report.concept_relations_lost
   return _Prepared(spec, labels, wins, docs, +skipped)
 
 
 def _examples(prep: _Prepared, split: str, members: Sequence[int], seed: int,
-              report: tasks.TaskReport) -> list[tasks.Example]:
+              report: task_lib.TaskReport) -> list[task_lib.Example]:
   spec = prep.spec
   wins = [w for i in members for w in prep.windows[split][i]]
-  return tasks.build_examples(spec.name, wins, spec.tasks, spec.labels, prep.labels, report,
+  return task_lib.build_examples(spec.name, wins, spec.tasks, spec.labels, prep.labels, report,
                               spec.discontinuous, spec.empty_fraction, seed)
 
 
-def _stats(examples: Sequence[tasks.Example], documents: int) -> dict:
+def _stats(examples: Sequence[task_lib.Example], documents: int) -> dict:
   by_task = collections.Counter(e.task for e in examples)
   ent = collections.Counter(s.label for e in examples if e.task == "ner" for s in e.spans)
   rel = collections.Counter(s.label for e in examples if e.task == "re" for s in e.spans)
@@ -195,7 +199,7 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
   assignment = _assign(kind, part, prepared, seed)
   sites = {}
   for site_name, role, members in assignment:
-    report = tasks.TaskReport()
+    report = task_lib.TaskReport()
     examples, documents, stats = {}, {}, {}
     skipped = collections.Counter()
     sources = sorted({src for split_members in members.values() for src, _ in split_members})

@@ -41,6 +41,10 @@ class LabelSpec:
   entity_definitions: Mapping[str, str] = dataclasses.field(default_factory=dict)
   entity_order: Sequence[str] = ()  # prompt order; default: sorted
   undirected: Sequence[str] = ()  # corpus relation types that also hold tail -> head
+  ner_types: Sequence[str] = ()   # site labels the NER task tags (default: all); others
+                                  # only serve as relation arguments (paper: modifiers)
+  group_by_concept: bool = False  # RE: one example per head concept (all its mentions
+                                  # anchored), for document-level relations (BioRED)
 
   def entity_label(self, corpus_type: str) -> str | None:
     return self.entity_map.get(corpus_type, corpus_type) or None
@@ -97,6 +101,8 @@ def re_prompt(marked_text: str, entity_labels: Sequence[str], relation_labels: S
 def source_labels(docs: Sequence[Document], spec: LabelSpec) -> tuple[list[str], list[str]]:
   """The (entity, relation) labels a source annotates after mapping: its prompt lists."""
   ents = {spec.entity_label(e.type) for d in docs for e in d.entities} - {None}
+  if spec.ner_types:
+    ents &= set(spec.ner_types)
   rels = {spec.relation_label(r.type) for d in docs for r in d.relations} - {None}
   order = [t for t in spec.entity_order if t in ents]
   return order + sorted(ents - set(order)), sorted(rels)
@@ -130,7 +136,10 @@ def ner_examples(source: str, doc: Document, spans: Mapping[str, Span], labels: 
                  spec: LabelSpec, report: TaskReport, empty_fraction: float = 1.0,
                  seed: int = 0) -> list[Example]:
   """One example per window. Windows without mentions are kept with `empty_fraction`."""
-  kept, dropped = select_flat(spans.values())
+  wanted = set(labels)
+  outside = [s for s in spans.values() if s.label not in wanted]
+  report.add("mention outside the NER label list (relation argument only)", len(outside))
+  kept, dropped = select_flat(s for s in spans.values() if s.label in wanted)
   report.add("overlapping mention dropped (flat HTML)", len(dropped))
   if not kept and not _keep(doc.id, empty_fraction, seed):
     report.add("window without mentions not sampled (empty_fraction)")
@@ -142,8 +151,15 @@ def ner_examples(source: str, doc: Document, spans: Mapping[str, Span], labels: 
 def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
                 entity_labels: Sequence[str], relation_labels: Sequence[str], spec: LabelSpec,
                 report: TaskReport) -> list[Example]:
-  """One example per head mention that has at least one expressible relation."""
-  tails_by_head: dict[str, list[Span]] = collections.defaultdict(list)
+  """One example per head mention (or head concept) with at least one expressible relation."""
+  by_id = {e.id: e for e in doc.entities}
+
+  def group(entity_id: str) -> str:
+    concept = by_id[entity_id].concept
+    return f"concept:{concept}" if spec.group_by_concept and concept else entity_id
+
+  anchors_of: dict[str, set[str]] = collections.defaultdict(set)
+  tails_of: dict[str, list[Span]] = collections.defaultdict(list)
   for r in doc.relations:
     label = spec.relation_label(r.type)
     if label is None:
@@ -152,23 +168,25 @@ def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
     if r.head not in spans or r.tail not in spans:
       report.add("relation with a dropped argument")
       continue
-    tails_by_head[r.head].append(Span(spans[r.tail].start, spans[r.tail].end, label))
-    if r.type in spec.undirected:
-      tails_by_head[r.tail].append(Span(spans[r.head].start, spans[r.head].end, label))
+    pairs = [(r.head, r.tail)] + ([(r.tail, r.head)] if r.type in spec.undirected else [])
+    for head, tail in pairs:
+      anchors_of[group(head)].add(head)
+      tails_of[group(head)].append(Span(spans[tail].start, spans[tail].end, label))
   examples = []
-  for head_id, tails in tails_by_head.items():
-    anchor = spans[head_id]
-    anchor_cover = [t for t in tails if t.start < anchor.end and anchor.start < t.end]
-    report.add("related mention overlapping its anchor", len(anchor_cover))
-    kept, dropped = select_flat(t for t in tails if t not in anchor_cover)
+  for key, heads in anchors_of.items():
+    anchors, _ = select_flat(spans[h] for h in heads)
+    tails = set(tails_of[key])
+    covered = {t for t in tails if any(t.start < a.end and a.start < t.end for a in anchors)}
+    report.add("related mention overlapping its anchor", len(covered))
+    kept, dropped = select_flat(tails - covered)
     report.add("related mention overlapping another (flat HTML)", len(dropped))
     if not kept:
       report.add("relation example with nothing expressible")
       continue
-    prompt = re_prompt(render(doc.text, [anchor]), entity_labels, relation_labels, spec)
-    examples.append(Example(source, "re", f"{doc.id}@{head_id}", prompt,
-                            render(doc.text, sorted([anchor, *kept])), doc.text, tuple(kept),
-                            (anchor,)))
+    prompt = re_prompt(render(doc.text, anchors), entity_labels, relation_labels, spec)
+    examples.append(Example(source, "re", f"{doc.id}@{key}", prompt,
+                            render(doc.text, sorted([*anchors, *kept])), doc.text, tuple(kept),
+                            tuple(anchors)))
   return examples
 
 
