@@ -1,0 +1,108 @@
+"""Partitioners (deterministic, disjoint, covering, skew grows as alpha falls) and encoding."""
+
+import numpy as np
+import pytest
+
+from fedjax_lora.data import encoding, partition
+from fedjax_lora.data.markup import Span
+from fedjax_lora.data.tasks import Example
+from models.tokenizer import build_byte_tokenizer
+
+LABELS = [f"type{i % 6}" for i in range(1200)]
+
+
+def _check_partition(parts, n):
+  flat = [i for p in parts for i in p]
+  assert sorted(flat) == list(range(n)), "partition must be disjoint and covering"
+
+
+@pytest.mark.parametrize("make", [
+    lambda seed: partition.iid(len(LABELS), 5, seed),
+    lambda seed: partition.quantity(len(LABELS), 5, 0.5, seed),
+    lambda seed: partition.dirichlet(LABELS, 5, 0.3, seed),
+])
+def test_partitions_are_deterministic_disjoint_and_covering(make):
+  a, b, c = make(0), make(0), make(1)
+  assert a == b and a != c
+  _check_partition(a, len(LABELS))
+
+
+def test_natural_partition_groups_by_source():
+  sites, names = partition.natural(["phee", "chia", "phee", "ddi"])
+  assert names == ["phee", "chia", "ddi"] and sites == [[0, 2], [1], [3]]
+
+
+def test_dirichlet_skew_grows_as_alpha_falls():
+  div = {alpha: np.mean([partition.label_divergence(LABELS, partition.dirichlet(
+      LABELS, 5, alpha, seed)) for seed in range(5)]) for alpha in (100.0, 1.0, 0.1)}
+  iid = np.mean([partition.label_divergence(LABELS, partition.iid(len(LABELS), 5, s))
+                 for s in range(5)])
+  assert iid < 0.1  # sampling noise only
+  assert div[100.0] < div[1.0] < div[0.1]
+  assert div[0.1] > 0.4
+
+
+def test_quantity_skew_varies_sizes_but_keeps_min_size():
+  parts = partition.quantity(1000, 8, 0.3, seed=0, min_size=5)
+  sizes = sorted(len(p) for p in parts)
+  assert sizes[0] >= 5 and sizes[-1] > 3 * sizes[0]
+
+
+def test_impossible_splits_raise():
+  with pytest.raises(ValueError, match="cannot split"):
+    partition.iid(3, 5, 0)
+  with pytest.raises(ValueError, match="alpha"):
+    partition.dirichlet(LABELS, 5, 0.0, 0)
+
+
+def _examples():
+  out = []
+  for i in range(6):
+    text = f"Patient {i} takes aspirin." + " again" * (i * 3)
+    prompt = f"### Input Text:\n{text}\n### Output Text:\n"
+    target = text.replace("aspirin", '<span class="drug">aspirin</span>')
+    out.append(Example("s", "ner", f"d{i}", prompt, target, text, (Span(0, 1, "drug"),)))
+  return out
+
+
+@pytest.fixture(scope="module")
+def byte_tok(tmp_path_factory):
+  return build_byte_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_encoding_masks_counts_and_truncation(byte_tok, tmp_path):
+  exs = _examples()
+  enc = encoding.encode(exs, byte_tok, max_length=128)
+  full = encoding.to_arrays(enc, 0, 128, "full")
+  comp = encoding.to_arrays(enc, 0, 128, "completion")
+  lengths = [len(e.prompt.encode()) + len(e.target.encode()) + 2 for e in exs]
+  assert full.truncated == sum(n > 128 for n in lengths) > 0
+  assert full.tokens.shape == (6, 128) and full.tokens.dtype == np.int32
+  assert full.token_count == sum(min(n, 128) - 1 for n in lengths)
+  assert np.array_equal(full.loss_mask.astype(bool), full.attention_mask)
+  # Completion-only: the first supervised token is the first byte of the target.
+  i = 0
+  first = int(np.argmax(comp.loss_mask[i]))
+  assert first == len(exs[i].prompt.encode()) + 1
+  assert byte_tok.decode(full.tokens[i, first:first + 5]) == exs[i].target[:5]
+  assert full.tokens[i, 0] == byte_tok.bos_token_id
+  assert full.tokens[i, lengths[i] - 1] == byte_tok.eos_token_id
+
+
+def test_encoding_pads_to_a_bucket(byte_tok):
+  enc = encoding.encode(_examples()[:1], byte_tok, max_length=800)
+  arr = encoding.to_arrays(enc, 0, 800)
+  assert arr.tokens.shape[1] == 128  # 100-odd tokens round up to the next power of two
+  assert encoding.bucketed_length(700, 800) == 800
+
+
+def test_encoding_cache_is_keyed_by_config_and_tokenizer(byte_tok, tmp_path):
+  exs = _examples()
+  first = encoding.encode(exs, byte_tok, 128, tmp_path, {"a": 1})
+  assert len(list(tmp_path.glob("encoded-*"))) == 1
+  again = encoding.encode(exs, byte_tok, 128, tmp_path, {"a": 1})
+  assert again["input_ids"] == first["input_ids"]
+  assert len(list(tmp_path.glob("encoded-*"))) == 1
+  encoding.encode(exs, byte_tok, 128, tmp_path, {"a": 2})
+  encoding.encode(exs[:3], byte_tok, 128, tmp_path, {"a": 1})
+  assert len(list(tmp_path.glob("encoded-*"))) == 3
