@@ -2,7 +2,7 @@
 
 Sites differ in writing style, vocabulary and label mix (fedjax_lora/data/synthetic.py).
 Labels are the paper's NER types with its definitions (method.md §6); relations are the
-paper's modifier types. Tokenizer "byte" needs no download; "bpe:<vocab>" trains one.
+paper's modifier types. The tokenizer is trained here, so nothing is downloaded.
 """
 
 import ml_collections
@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.max_length = 800
   c.loss = "full"           # "full" (paper) or "completion"
-  c.tokenizer = "byte"      # "byte" | "llama2" | "bpe:<vocab size>" | a tokenizer directory
+  # "bpe:<vocab>" trains a small BPE on the training examples (a tiny model's vocabulary);
+  # also "llama2" (shared/models/raw), "byte" (259 tokens), or a tokenizer directory.
+  c.tokenizer = "bpe:1024"
   c.partition = ml_collections.ConfigDict(dict(kind="natural", num_sites=0, alpha=0.5,
                                                min_size=1))
   c.sites = ml_collections.ConfigDict()

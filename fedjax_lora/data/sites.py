@@ -180,7 +180,7 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
     raise DataError("config.sites is empty")
   corpora = {}
   for spec in specs:
-    for corpus_split in {s for s in spec.splits.values() if s is not None}:
+    for corpus_split in dict.fromkeys(s for s in spec.splits.values() if s is not None):
       if (spec.corpus, corpus_split) not in corpora:
         log(f"reading {spec.corpus}/{corpus_split}")
         corpora[(spec.corpus, corpus_split)] = load_corpus(spec.corpus, corpus_split, seed=seed)

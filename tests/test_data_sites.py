@@ -1,0 +1,138 @@
+"""Site building end to end on the synthetic default (no ../shared), partitions, the launcher."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import configs.data_synthetic as synthetic_config
+from fedjax_lora.data import markup, prepare, sites as sites_lib
+from fedjax_lora.data.records import DataError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _config(**partition):
+  c = synthetic_config.get_config()
+  c.tokenizer = "byte"
+  c.max_length = 2048  # the byte tokenizer spends a token per character
+  if partition:
+    c.partition.update(partition)
+  return c
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  out = tmp_path_factory.mktemp("synthetic")
+  return out, prepare.prepare(_config(), out, log=lambda s: None)
+
+
+def test_synthetic_default_builds_every_site_and_split(prepared):
+  out, data = prepared
+  assert sorted(data.sites) == sorted(synthetic_config.SITES)
+  for name, site in data.sites.items():
+    assert set(site.examples) == {"train", "dev", "test"}
+    tasks = {e.task for e in site.examples["train"]}
+    assert tasks == {"ner", "re"}, "multi-task sites mix NER and RE examples"
+    arrays = data.arrays[name]["train"]
+    assert len(arrays) == len(site.examples["train"])
+    assert arrays.token_count == int(arrays.attention_mask.sum() - len(arrays))
+    assert data.report["sites"][name]["splits"]["train"]["tokens"] == arrays.token_count
+  report = json.loads((out / "report.json").read_text())
+  assert report == json.loads(json.dumps(data.report))
+  splits = json.loads((out / "splits.json").read_text())
+  for name, by_split in splits.items():
+    assert not set(by_split["train"]) & set(by_split["test"])
+
+
+def test_every_target_parses_back_to_its_gold_spans(prepared):
+  _, data = prepared
+  for site in data.sites.values():
+    for examples in site.examples.values():
+      for ex in examples:
+        parsed = markup.parse(ex.target)
+        assert parsed.text == ex.text and not parsed.problems
+        assert sorted(parsed.spans) == sorted(ex.spans + ex.anchors)
+
+
+def test_prompts_list_only_the_sites_labels(prepared):
+  _, data = prepared
+  ex = next(e for e in data.sites["narrative_hospital"].examples["train"] if e.task == "ner")
+  assert '<span class="problem">' in ex.prompt and "### Entity Definitions:" in ex.prompt
+  assert '<span class="dosage">' not in ex.prompt  # modifiers are RE-only, as in the paper
+
+
+def test_site_building_is_deterministic(prepared):
+  _, data = prepared
+  again = prepare.prepare(_config(), None, log=lambda s: None)
+  for name in data.sites:
+    assert [e.target for e in again.sites[name].examples["train"]] == \
+        [e.target for e in data.sites[name].examples["train"]]
+    np.testing.assert_array_equal(again.arrays[name]["train"].tokens,
+                                  data.arrays[name]["train"].tokens)
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "quantity"])
+def test_pooled_partitions_are_disjoint_and_covering(kind):
+  natural = sites_lib.build_sites(_config())
+  pooled = sites_lib.build_sites(_config(kind=kind, num_sites=4, alpha=0.5))
+  assert sorted(pooled) == ["site0", "site1", "site2", "site3"]
+  for split in ("train", "dev", "test"):
+    want = sorted(d for s in natural.values() for d in s.documents[split])
+    got = [d for s in pooled.values() for d in s.documents[split]]
+    assert sorted(got) == want and len(set(got)) == len(got)
+  again = sites_lib.build_sites(_config(kind=kind, num_sites=4, alpha=0.5))
+  assert {n: s.documents for n, s in again.items()} == {n: s.documents for n, s in pooled.items()}
+
+
+def test_train_cap_is_counted():
+  c = _config()
+  c.sites.narrative_hospital.max_train_examples = 50
+  built = sites_lib.build_sites(c)
+  site = built["narrative_hospital"]
+  assert len(site.examples["train"]) == 50
+  assert site.skipped["train: examples over max_train_examples=50"] > 0
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("corpus", "nope", "unknown corpus 'nope'"),
+    ("tasks", ("ner", "qa"), "unknown task 'qa'"),
+    ("unit", "paragraph", "unit must be one of"),
+    ("train_split", "validation", "has splits"),
+])
+def test_bad_site_config_is_a_clear_error(field, value, needle):
+  c = _config()
+  c.sites.discharge_summary[field] = value
+  with pytest.raises(DataError, match=needle):
+    sites_lib.build_sites(c)
+
+
+def _run(*args, env_extra=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  return subprocess.run([sys.executable, "-m", "launch.prepare_data", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_runs_without_shared_and_prints_the_table(tmp_path):
+  proc = _run(f"--out_dir={tmp_path}", "--config.sites.narrative_hospital.max_train_examples=40",
+              env_extra={"FEDJAX_LORA_SHARED": str(tmp_path / "no_shared_here")})
+  assert proc.returncode == 0, proc.stderr
+  assert "| narrative_hospital | train | train |" in proc.stdout
+  for name in ("report.json", "report.md", "splits.json", "tokenizer/tokenizer.json"):
+    assert (tmp_path / name).is_file()
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert report["sites"]["narrative_hospital"]["splits"]["train"]["examples"] == {"ner": 11,
+                                                                                  "re": 29} \
+      or sum(report["sites"]["narrative_hospital"]["splits"]["train"]["examples"].values()) == 40
+
+
+def test_launcher_bad_input_is_one_line(tmp_path):
+  proc = _run("--config.sites.narrative_hospital.corpus=phee",
+              env_extra={"FEDJAX_LORA_SHARED": str(tmp_path / "missing")})
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: corpus 'phee': folder")
+  assert "Traceback" not in proc.stderr
