@@ -1,7 +1,7 @@
 """Corpus names -> reader calls, so configs name corpora instead of paths and formats.
 
 Real corpora live under `<shared>/data/raw/<folder>`; `synthetic/<site>` is the embedded
-generator, which needs nothing on disk.
+generator, which needs nothing on disk; `hf:<dir or hub id>` reads a `datasets` dataset.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ CORPORA = {
                                ("train", "dev", "test")),
 }
 SYNTHETIC_PREFIX = "synthetic/"
+HF_PREFIX = "hf:"  # hf:<dataset directory saved with save_to_disk, or hub id when online>
 
 
 def _loader(spec: str) -> Callable:
@@ -66,8 +67,11 @@ def load_corpus(name: str, split: str, root: str | os.PathLike | None = None,
     if split not in sites[site]:
       raise DataError(f"synthetic site {site!r} has splits {sorted(sites[site])}, not {split!r}")
     return sites[site][split]
+  if name.startswith(HF_PREFIX):
+    from fedjax_lora.data.hf_dataset import load_hf
+    return load_hf(name[len(HF_PREFIX):], split)
   if name not in CORPORA:
-    known = sorted(CORPORA) + [f"{SYNTHETIC_PREFIX}<site>"]
+    known = sorted(CORPORA) + [f"{SYNTHETIC_PREFIX}<site>", f"{HF_PREFIX}<dataset>"]
     raise DataError(f"unknown corpus {name!r}; known: {', '.join(known)}")
   info = CORPORA[name]
   if split not in info.splits:
