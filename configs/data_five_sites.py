@@ -36,9 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
   # S1 pharmacovigilance unit: single case-report sentences.
   c.sites.phee = _site(
       "phee",
-      {"Effect": "AdverseEffect", "Freq": "Frequency", "Time_elapsed": DROP, "Race": DROP,
-       "Population": DROP},
-      {"Drug": "a drug given to the patient", "AdverseEffect": "an adverse effect of a drug",
+      # PHEE's Effect is adverse in most events but a benefit in therapeutic ones, so it is
+      # not renamed AdverseEffect (that would mislabel about 120 therapeutic effects).
+      {"Freq": "Frequency", "Time_elapsed": DROP, "Race": DROP, "Population": DROP},
+      {"Drug": "a drug given to the patient",
+       "Effect": "an effect of a drug on the patient, adverse or therapeutic",
        "Disorder": "a disorder the patient has or is treated for",
        "Dosage": "the dose of a drug", "Route": "how a drug is administered",
        "Frequency": "how often a drug is given", "Duration": "how long a drug is given",
@@ -80,7 +82,18 @@ def get_config() -> ml_collections.ConfigDict:
        "Time": "a temporal expression", "BodyPart": "a part of the body",
        "Actor": "a person taking part (patient, health professional, other)",
        "LabResult": "a result or measurement"},
-      {}, {}, dev_split=None, tasks=("ner",))
+      {}, {"BEFORE": "an event or time that the marked entity happens before",
+           "CONTAINS": "an event or time contained in the marked entity's time span",
+           "OVERLAP": "an event or time overlapping the marked entity in time",
+           "SIMULTANEOUS": "an event or time simultaneous with the marked entity",
+           "BEGINS-ON": "the event or time on which the marked entity begins",
+           "ENDS-ON": "the event or time on which the marked entity ends",
+           "INITIATES": "an event that the marked entity initiates",
+           "CONTINUES": "an event that the marked entity continues",
+           "TERMINATES": "an event that the marked entity terminates",
+           "REINITIATES": "an event that the marked entity reinitiates",
+           "PERTAINS": "the event the marked result or measurement pertains to"},
+      dev_split=None)
   # S4 hospital pharmacy: drug labels and abstracts; keep a share of sentences without drugs.
   c.sites.ddi = _site(
       "ddi", {"drug": "Drug", "brand": "Brand", "group": "DrugGroup", "drug_n": "DrugN"},
