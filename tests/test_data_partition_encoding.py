@@ -106,3 +106,31 @@ def test_encoding_cache_is_keyed_by_config_and_tokenizer(byte_tok, tmp_path):
   encoding.encode(exs, byte_tok, 128, tmp_path, {"a": 2})
   encoding.encode(exs[:3], byte_tok, 128, tmp_path, {"a": 1})
   assert len(list(tmp_path.glob("encoded-*"))) == 3
+
+
+def test_trained_bpe_tokenizer_round_trips(tmp_path):
+  from fedjax_lora.data.bpe import train_bpe
+  from models.tokenizer import load_tokenizer
+  texts = [e.prompt + e.target for e in _examples()] * 20
+  train_bpe(texts, 400, tmp_path)
+  tok = load_tokenizer(tmp_path)
+  assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+  sample = 'Patient 9 takes <span class="drug">ibuprofen</span> <5 mg\n'
+  ids = tok(sample, add_special_tokens=False)["input_ids"]
+  assert tok.decode(ids) == sample
+  assert len(ids) < len(sample.encode())  # merges were learned
+  with pytest.raises(ValueError, match="vocab_size"):
+    train_bpe(texts, 100, tmp_path / "small")
+
+
+def test_completion_boundary_with_the_llama2_tokenizer():
+  from models.tokenizer import load_tokenizer
+  from tests.shared_data import require_shared
+  tok = load_tokenizer(require_shared("models", "raw", "llama2_tokenizer"))
+  exs = _examples()
+  arr = encoding.to_arrays(encoding.encode(exs, tok, 800), 0, 800, "completion")
+  for i, ex in enumerate(exs):
+    start = int(arr.prompt_lengths[i])
+    end = int(arr.attention_mask[i].sum())
+    assert tok.decode(arr.tokens[i, start:end - 1]) == ex.target
+    assert arr.tokens[i, 0] == 1 and arr.tokens[i, end - 1] == 2
