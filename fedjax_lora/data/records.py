@@ -83,6 +83,16 @@ class Document:
     raise KeyError(entity_id)
 
 
+class _Lazy:
+  """A message prefix built only when an error is actually raised (validation is hot)."""
+
+  def __init__(self, make):
+    self.make = make
+
+  def __format__(self, spec):
+    return format(self.make(), spec)
+
+
 def _norm_space(s: str) -> str:
   return " ".join(s.split())
 
@@ -100,7 +110,7 @@ def validate_document(doc: Document, entity_types: Iterable[str] | None = None,
   n = len(doc.text)
   ids = set()
   for e in doc.entities:
-    here = f"{doc.where()}: entity {e.id} ({e.type} {e.text!r})"
+    here = _Lazy(lambda e=e: f"{doc.where()}: entity {e.id} ({e.type} {e.text!r})")
     if e.id in ids:
       raise DataError(f"{here}: duplicate entity id")
     ids.add(e.id)
@@ -122,7 +132,7 @@ def validate_document(doc: Document, entity_types: Iterable[str] | None = None,
       raise DataError(f"{here}: unknown entity type {e.type!r}; known: "
                       f"{', '.join(sorted(entity_types))}")
   for r in doc.relations:
-    here = f"{doc.where()}: relation {r.id or ''} {r.type}({r.head}, {r.tail})"
+    here = _Lazy(lambda r=r: f"{doc.where()}: relation {r.id or ''} {r.type}({r.head}, {r.tail})")
     for arg in (r.head, r.tail):
       if arg not in ids:
         raise DataError(f"{here}: argument {arg!r} is not an entity of this document")
