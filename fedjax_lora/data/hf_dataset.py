@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from fedjax_lora.data.iob import IOB1_REPAIR, _Sentence, parse_tag
+from fedjax_lora.data.iob import IOB1_REPAIR, TaggedSentence, parse_tag
 from fedjax_lora.data.records import Corpus, DataError, Document, Entity, Relation, where
 from fedjax_lora.data.records import validate_document
 
@@ -31,7 +31,7 @@ def _bio_document(row, i, source, tokens_field, tags_field, names, skipped) -> D
   here = where(source, i + 1)
   if len(tokens) != len(tags):
     raise DataError(f"{here}: {len(tokens)} tokens but {len(tags)} tags")
-  sent = _Sentence(i + 1)
+  sent = TaggedSentence(i + 1)
   for token, tag in zip(tokens, tags):
     if names is not None:
       if not 0 <= int(tag) < len(names):

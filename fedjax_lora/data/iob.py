@@ -44,7 +44,7 @@ def parse_tag(tag: str) -> tuple[str, str]:
   return prefix, label
 
 
-class _Sentence:
+class TaggedSentence:
   """Tokens and open/closed mentions of the sentence being read."""
 
   def __init__(self, line: int):
@@ -115,7 +115,7 @@ def read_iob(path: str | os.PathLike, column_sep: str | None = None,
   sep = _detect_sep(lines) if column_sep is None else column_sep
   skipped: collections.Counter = collections.Counter()
   docs: list[Document] = []
-  sent: _Sentence | None = None
+  sent: TaggedSentence | None = None
 
   def finish():
     if sent is not None:
@@ -141,7 +141,7 @@ def read_iob(path: str | os.PathLike, column_sep: str | None = None,
       raise DataError(f"{where(source, lineno)}: unknown entity type {label!r} in tag {tag!r}; "
                       f"known: {', '.join(sorted(labels))}")
     if sent is None:
-      sent = _Sentence(lineno)
+      sent = TaggedSentence(lineno)
     continues = kind == "I" and sent.current_type() == label
     if kind == "I" and not continues:
       if not repair_iob1:
