@@ -163,3 +163,10 @@ def test_empty_fraction_samples_windows_without_mentions_deterministically():
                                empty_fraction=0.25, seed=3) for _ in range(2)]
   assert [e.doc_id for e in runs[0]] == [e.doc_id for e in runs[1]]
   assert 25 <= len(runs[0]) <= 75
+
+
+def test_reader_sentence_bounds_are_preferred():
+  text = "Dr. Smith saw pt. today. Fine."
+  doc = Document("s", text, meta={"sentences": ((0, 24), (25, 30))})
+  wins = windows.split_document(doc, None, "sentence", pack=False)
+  assert [w.text for w in wins] == ["Dr. Smith saw pt. today.", "Fine."]

@@ -105,12 +105,19 @@ def split_document(doc: Document, max_tokens: int | None, unit: str = "sentence"
                    report: WindowReport | None = None) -> list[Document]:
   """Windows of `doc`, each at most `max_tokens` by `count_tokens` where mentions allow.
 
+  Sentences come from `doc.meta["sentences"]` when the reader provides them.
   `pack=False` makes every unit its own window (one Chia criterion per example);
   `max_tokens=None` only splits into units. Offsets are rebased to each window.
   """
   report = report if report is not None else WindowReport()
   text = doc.text
-  bounds = _merge_across_mentions(unit_bounds(text, unit), doc)
+  given = doc.meta.get("sentences") if unit == "sentence" else None
+  if given:  # the corpus's own sentence segmentation (E3C) beats our regex
+    bounds = [(a + len(text[a:b]) - len(text[a:b].lstrip()), a + len(text[a:b].rstrip()))
+              for a, b in given if text[a:b].strip()]
+  else:
+    bounds = unit_bounds(text, unit)
+  bounds = _merge_across_mentions(bounds, doc)
   if not bounds:
     return []
   if max_tokens is not None:
@@ -167,7 +174,10 @@ def _materialise(doc: Document, bounds, report: WindowReport) -> list[Document]:
     out.append(dataclasses.replace(
         doc, id=doc.id if single else f"{doc.id}#{i}", text=doc.text[a:b],
         entities=tuple(ents), relations=tuple(rels_by_window[i]),
-        meta={**doc.meta, "parent": doc.id, "window": i, "offset": a}))
+        meta={**doc.meta, "parent": doc.id, "window": i, "offset": a,
+              **({"sentences": tuple((max(s, a) - a, min(t, b) - a)
+                                     for s, t in doc.meta["sentences"] if s < b and t > a)}
+                 if doc.meta.get("sentences") else {})}))
   report.windows += len(out)
   report.split_documents += int(len(out) > 1)
   return out
