@@ -15,7 +15,8 @@ def _site(corpus, entity_map, glosses, relation_map=None, relation_glosses=None,
   labels = dict(entity_map=entity_map, entity_glosses=glosses,
                 relation_map=relation_map or {}, relation_glosses=relation_glosses or {},
                 undirected=kw.pop("undirected", ()),
-                group_by_concept=kw.pop("group_by_concept", False))
+                group_by_concept=kw.pop("group_by_concept", False),
+                transitive=kw.pop("transitive", ()))
   site = dict(corpus=corpus, tasks=("ner", "re") if relation_glosses else ("ner",),
               unit="sentence", pack=True, window_tokens=0, empty_fraction=1.0,
               discontinuous="first_fragment", max_train_examples=0, role="train",
@@ -71,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
        "Subsumes": "an entity subsumed by the marked entity",
        "AND": "an entity joined to the marked entity by AND",
        "OR": "an alternative to the marked entity (OR)"},
-      unit="line", pack=False, undirected=("AND", "OR"))
+      unit="line", pack=False, undirected=("AND",), transitive=("OR",))
   # S3 internal-medicine ward: long case narratives (layer-1 gold; no official dev split).
   c.sites.e3c = _site(
       "e3c",

@@ -9,16 +9,18 @@ import ml_collections
 
 PAPER_GLOSSES = {"problem": "a medical problem", "treatment": "a treatment", "test": "a test",
                  "drug": "a drug"}
-PAPER_DEFINITIONS = {
-    "problem": "The abnormal condition that happens physically or mentally to a patient.",
-    "treatment": "The procedures, interventions, and substances given to a patient for "
-                 "treating a problem.",
-    "drug": "Generic or brand name of a single medication or a collective name of a group of "
-            "medication.",
-    "test": "A medical procedure performed (i) to detect or diagnose a problem, (ii) to monitor "
-            "diseases, disease processes, and susceptibility, or (iii) to determine a course of "
-            "treatment.",
-}
+# (type, line) pairs: the paper's headings and order (method.md §6).
+PAPER_DEFINITIONS = (
+    ("problem", "Medical Problem: The abnormal condition that happens physically or mentally "
+                "to a patient."),
+    ("treatment", "Treatment: The procedures, interventions, and substances given to a patient "
+                  "for treating a problem."),
+    ("drug", "Drug: Generic or brand name of a single medication or a collective name of a "
+             "group of medication."),
+    ("test", "Test: A medical procedure performed (i) to detect or diagnose a problem, (ii) to "
+             "monitor diseases, disease processes, and susceptibility, or (iii) to determine a "
+             "course of treatment."),
+)
 MODIFIER_GLOSSES = {
     "bodyloc": "the location on the body where the observation is present",
     "dosage": "the amount of a drug taken at one time",

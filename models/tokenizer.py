@@ -21,12 +21,12 @@ def load_tokenizer(model_dir: str | os.PathLike):
     raise TokenizerError(f"{model_dir}: no tokenizer.json or tokenizer.model; copy the "
                          "tokenizer files into the checkpoint directory")
   try:
-    if not (model_dir / "tokenizer_config.json").is_file() and \
-        (model_dir / "tokenizer.model").is_file():
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
       # A bare SentencePiece model (e.g. LLaMA-2's tokenizer.model) has no config naming its
-      # class; AutoTokenizer would guess tiktoken.
+      # class (AutoTokenizer would guess tiktoken); LLaMA prepends <s> as Meta's does.
       from transformers import LlamaTokenizer
-      return LlamaTokenizer.from_pretrained(str(model_dir))
+      return LlamaTokenizer.from_pretrained(str(model_dir), add_bos_token=True,
+                                            add_eos_token=False)
     return AutoTokenizer.from_pretrained(str(model_dir))
   except Exception as e:
     raise TokenizerError(f"{model_dir}: tokenizer files could not be loaded "

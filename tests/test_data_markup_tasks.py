@@ -170,3 +170,32 @@ def test_reader_sentence_bounds_are_preferred():
   doc = Document("s", text, meta={"sentences": ((0, 24), (25, 30))})
   wins = windows.split_document(doc, None, "sentence", pack=False)
   assert [w.text for w in wins] == ["Dr. Smith saw pt. today.", "Fine."]
+
+
+def test_concept_grouping_anchors_every_mention_of_the_head_concept():
+  text = "BRCA1 and BRCA1/2 variants raise cancer risk."
+  ents = (Entity("T1", 0, 5, "Gene", "BRCA1", concept="672"),
+          Entity("T2", 10, 17, "Gene", "BRCA1/2", concept="672,675"),
+          Entity("T3", 32, 38, "Disease", "cancer", concept="D1"))
+  rels = (Relation("T1", "T3", "Association", "R1"), Relation("T2", "T3", "Association", "R1"))
+  doc = Document("d", text, ents, rels, meta={"relation_concepts": {"R1": ("672", "D1")}})
+  spec = tasks.LabelSpec(group_by_concept=True)
+  (ex,) = tasks.build_examples("s", [doc], ["re"], spec, tasks.source_labels([doc], spec),
+                               tasks.TaskReport())
+  assert [text[a.start:a.end] for a in ex.anchors] == ["BRCA1", "BRCA1/2"]
+  assert ex.spans == (Span(32, 38, "Association"),)
+
+
+def test_transitive_groups_relate_every_member():
+  text = "diabetes or asthma or gout"
+  ents = (Entity("A", 0, 8, "C", "diabetes"), Entity("B", 12, 18, "C", "asthma"),
+          Entity("G", 22, 26, "C", "gout"))
+  rels = (Relation("A", "B", "OR"), Relation("B", "G", "OR"))  # a chain, as brat * lines give
+  doc = Document("d", text, ents, rels)
+  spec = tasks.LabelSpec(transitive=("OR",))
+  exs = tasks.build_examples("s", [doc], ["re"], spec, tasks.source_labels([doc], spec),
+                             tasks.TaskReport())
+  by_anchor = {text[e.anchors[0].start:e.anchors[0].end]:
+               sorted(text[s.start:s.end] for s in e.spans) for e in exs}
+  assert by_anchor == {"diabetes": ["asthma", "gout"], "asthma": ["diabetes", "gout"],
+                       "gout": ["asthma", "diabetes"]}

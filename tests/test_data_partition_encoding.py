@@ -106,6 +106,11 @@ def test_encoding_cache_is_keyed_by_config_and_tokenizer(byte_tok, tmp_path):
   encoding.encode(exs, byte_tok, 128, tmp_path, {"a": 2})
   encoding.encode(exs[:3], byte_tok, 128, tmp_path, {"a": 1})
   assert len(list(tmp_path.glob("encoded-*"))) == 3
+  from fedjax_lora.data.bpe import train_bpe
+  other_tok = train_bpe([e.prompt + e.target for e in exs] * 5, 300, tmp_path / "bpe")
+  encoding.encode(exs, other_tok, 128, tmp_path, {"a": 1})
+  assert len(list(tmp_path.glob("encoded-*"))) == 4
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith("encoded-") and "." in p.name]
 
 
 def test_trained_bpe_tokenizer_round_trips(tmp_path):

@@ -63,6 +63,8 @@ def test_prompts_list_only_the_sites_labels(prepared):
   _, data = prepared
   ex = next(e for e in data.sites["narrative_hospital"].examples["train"] if e.task == "ner")
   assert '<span class="problem">' in ex.prompt and "### Entity Definitions:" in ex.prompt
+  defs = ex.prompt.split("### Entity Definitions:\n")[1].split("\n\n")[0].splitlines()
+  assert [d.split(":")[0] for d in defs] == ["Medical Problem", "Treatment", "Drug", "Test"]
   assert '<span class="dosage">' not in ex.prompt  # modifiers are RE-only, as in the paper
 
 
@@ -78,22 +80,23 @@ def test_site_building_is_deterministic(prepared):
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet", "quantity"])
 def test_pooled_partitions_are_disjoint_and_covering(kind):
-  natural = sites_lib.build_sites(_config())
-  pooled = sites_lib.build_sites(_config(kind=kind, num_sites=4, alpha=0.5))
+  natural = sites_lib.build_sites(_config()).sites
+  plan = sites_lib.build_sites(_config(kind=kind, num_sites=4, alpha=0.5))
+  pooled = plan.sites
+  assert sorted(plan.sources) == sorted(natural)
   assert sorted(pooled) == ["site0", "site1", "site2", "site3"]
   for split in ("train", "dev", "test"):
     want = sorted(d for s in natural.values() for d in s.documents[split])
     got = [d for s in pooled.values() for d in s.documents[split]]
     assert sorted(got) == want and len(set(got)) == len(got)
-  again = sites_lib.build_sites(_config(kind=kind, num_sites=4, alpha=0.5))
+  again = sites_lib.build_sites(_config(kind=kind, num_sites=4, alpha=0.5)).sites
   assert {n: s.documents for n, s in again.items()} == {n: s.documents for n, s in pooled.items()}
 
 
 def test_train_cap_is_counted():
   c = _config()
   c.sites.narrative_hospital.max_train_examples = 50
-  built = sites_lib.build_sites(c)
-  site = built["narrative_hospital"]
+  site = sites_lib.build_sites(c).sites["narrative_hospital"]
   assert len(site.examples["train"]) == 50
   assert site.skipped["train: examples over max_train_examples=50"] > 0
 
@@ -125,9 +128,8 @@ def test_launcher_runs_without_shared_and_prints_the_table(tmp_path):
   for name in ("report.json", "report.md", "splits.json", "tokenizer/tokenizer.json"):
     assert (tmp_path / name).is_file()
   report = json.loads((tmp_path / "report.json").read_text())
-  assert report["sites"]["narrative_hospital"]["splits"]["train"]["examples"] == {"ner": 11,
-                                                                                  "re": 29} \
-      or sum(report["sites"]["narrative_hospital"]["splits"]["train"]["examples"].values()) == 40
+  train = report["sites"]["narrative_hospital"]["splits"]["train"]
+  assert sum(train["examples"].values()) == 40 and train["tokens"] > 0
 
 
 def test_launcher_bad_input_is_one_line(tmp_path):
@@ -136,3 +138,26 @@ def test_launcher_bad_input_is_one_line(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: corpus 'phee': folder")
   assert "Traceback" not in proc.stderr
+
+
+def test_cross_corpus_twins_leave_dev_test_and_external_leaves_train(tmp_path):
+  import datasets
+  shared = "Warfarin increased the bleeding risk in elderly patients markedly."
+  def save(name, splits):
+    datasets.DatasetDict({s: datasets.Dataset.from_list([
+        {"id": f"{name}-{s}-{i}", "text": t, "entities": [], "relations": []}
+        for i, t in enumerate(texts)]) for s, texts in splits.items()}).save_to_disk(
+            str(tmp_path / name))
+  own = [f"Unique sentence number {i} that is long enough to be compared." for i in range(3)]
+  save("a", {"train": [shared] + own, "dev": [shared] + own, "test": [shared] + own})
+  save("ext", {"test": [shared, "Another external sentence that is long enough to count."]})
+  c = _config()
+  c.sites = {"a": dict(corpus=f"hf:{tmp_path / 'a'}", tasks=("ner",), unit="document"),
+             "ext": dict(corpus=f"hf:{tmp_path / 'ext'}", tasks=("ner",), unit="document",
+                         role="external", train_split=None, dev_split=None)}
+  plan = sites_lib.build_sites(c)
+  a = plan.sites["a"]
+  assert len(a.documents["train"]) == 3 and len(a.documents["dev"]) == 3
+  assert len(a.documents["test"]) == 3
+  assert a.skipped[f"train: document also in hf:{tmp_path / 'ext'} (shared)"] == 1
+  assert len(plan.sites["ext"].documents["test"]) == 1

@@ -36,6 +36,7 @@ class SiteArrays:
   loss_mask: np.ndarray
   prompt_lengths: np.ndarray  # tokens before the target (incl. <s>), for generation
   truncated: int
+  without_targets: int = 0    # rows with no supervised token (completion loss, long prompt)
 
   @property
   def token_count(self) -> int:
@@ -46,10 +47,12 @@ class SiteArrays:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-  """Changes whenever the vocabulary, merges or normalisation change."""
+  """Changes with the vocabulary, merges, normalisation (fast tokenizers), class or specials."""
   backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
   blob = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(),
                                                                 sort_keys=True)
+  blob += json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                      tokenizer.pad_token_id])
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -105,9 +108,16 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int = 800,
                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
                load_from_cache_file=False, desc="tokenizing")
   if path is not None:
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_to_disk(str(tmp))
-    os.replace(tmp, path)  # a crash mid-write never leaves a half cache under the real key
+    import shutil
+    import tempfile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    ds.save_to_disk(str(tmp / "data"))
+    try:  # a crash mid-write never leaves a half cache under the real key
+      os.replace(tmp / "data", path)
+    except OSError:  # another run wrote the same key first; its copy is identical
+      pass
+    shutil.rmtree(tmp, ignore_errors=True)
     ds = datasets.load_from_disk(str(path))
   return ds
 
@@ -137,5 +147,6 @@ def to_arrays(encoded, pad_id: int, max_length: int, loss: str = "full",
   loss_mask = attention.copy()
   if loss == "completion":
     loss_mask &= np.arange(length)[None, :] >= prompt_lengths[:, None]
+  without = int((loss_mask[:, 1:].sum(axis=1) == 0).sum())
   return SiteArrays(tokens, attention, loss_mask.astype(np.float32), prompt_lengths,
-                    int(sum(encoded["truncated"])))
+                    int(sum(encoded["truncated"])), without)

@@ -33,11 +33,13 @@ def resolve_tokenizer(spec: str, out_dir: str | os.PathLike | None, train_texts=
   """"byte", "llama2" (shared/models/raw), "bpe:<vocab>" (trained on train_texts) or a dir."""
   from models.tokenizer import build_byte_tokenizer, load_tokenizer
 
-  tok_dir = Path(out_dir) / "tokenizer" if out_dir else None
-  if spec == "byte":
-    if tok_dir is None:
+  if spec in ("byte",) or spec.startswith("bpe:"):
+    if out_dir:
+      tok_dir = Path(out_dir) / "tokenizer"
+    else:  # nothing to keep: a throwaway directory, as `save_pretrained` needs one
       import tempfile
-      tok_dir = Path(tempfile.mkdtemp(prefix="byte_tokenizer_"))
+      tok_dir = Path(tempfile.mkdtemp(prefix="fedjax_tokenizer_"))
+  if spec == "byte":
     return build_byte_tokenizer(tok_dir)
   if spec.startswith("bpe:"):
     from fedjax_lora.data.bpe import train_bpe
@@ -45,8 +47,6 @@ def resolve_tokenizer(spec: str, out_dir: str | os.PathLike | None, train_texts=
       vocab = int(spec.split(":", 1)[1])
     except ValueError:
       raise DataError(f"tokenizer {spec!r}: expected bpe:<vocab size>, e.g. bpe:4096") from None
-    if tok_dir is None:
-      raise DataError("a bpe tokenizer needs an output directory to be saved in")
     return train_bpe(train_texts, vocab, tok_dir)
   path = shared_dir().joinpath(*LLAMA2_TOKENIZER) if spec == "llama2" else Path(spec)
   return load_tokenizer(path)
@@ -69,7 +69,8 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
   if tokenizer is None and not spec.startswith("bpe:"):
     tokenizer = resolve_tokenizer(spec, out_dir)
   count = token_counter(tokenizer) if tokenizer is not None else None
-  sites = sites_lib.build_sites(config, **({"count_tokens": count} if count else {}), log=log)
+  plan = sites_lib.build_sites(config, **({"count_tokens": count} if count else {}), log=log)
+  sites = plan.sites
   if tokenizer is None:  # bpe: train on the training examples only, never on test text
     texts = [e.prompt + e.target for s in sites.values() for e in s.examples.get("train", [])]
     log(f"training {spec} tokenizer on {len(texts)} training examples")
@@ -77,7 +78,8 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   cache = Path(out_dir) / "cache" if out_dir else None
   config_blob = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  arrays, report = {}, {"max_length": max_length, "loss": loss, "tokenizer": spec, "sites": {}}
+  arrays, report = {}, {"max_length": max_length, "loss": loss, "tokenizer": spec, "sites": {},
+                        "sources": {n: dict(sorted(c.items())) for n, c in plan.sources.items()}}
   for name, site in sites.items():
     arrays[name] = {}
     site_report = {"role": site.role, "sources": site.sources, "splits": {},
@@ -93,7 +95,8 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
       arrays[name][split] = arr
       site_report["splits"][split] = {**site.stats[split], "tokens": arr.token_count,
                                       "sequence_length": int(arr.tokens.shape[1]),
-                                      "truncated": arr.truncated}
+                                      "truncated": arr.truncated,
+                                      "without_target_tokens": arr.without_targets}
     report["sites"][name] = site_report
   if out_dir is not None:
     out = Path(out_dir)
@@ -112,18 +115,22 @@ def _fmt_counts(counts: dict, limit: int = 8) -> str:
 
 def report_table(report: dict) -> str:
   """A Markdown table (one row per site and split) plus per-type and skip details."""
-  rows = ["| site | role | split | docs | NER ex. | RE ex. | entities | relations | tokens | "
+  rows = ["| site | role | split | docs | NER ex. | RE ex. | entities | RE targets | tokens | "
           "truncated |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
   details = []
   for name, site in report["sites"].items():
     for split, s in site["splits"].items():
       rows.append(f"| {name} | {site['role']} | {split} | {s['documents']} | "
                   f"{s['examples'].get('ner', 0)} | {s['examples'].get('re', 0)} | "
-                  f"{sum(s['entities'].values())} | {sum(s['relations'].values())} | "
+                  f"{sum(s['entities'].values())} | {sum(s['relation_targets'].values())} | "
                   f"{s['tokens']} | {s['truncated']} |")
     train = site["splits"].get("train") or next(iter(site["splits"].values()))
-    details.append(f"- **{name}** entities: {_fmt_counts(train['entities'])}; relations: "
-                   f"{_fmt_counts(train['relations'])}")
+    details.append(f"- **{name}** entities: {_fmt_counts(train['entities'])}; RE targets: "
+                   f"{_fmt_counts(train['relation_targets'])}")
     skipped = {k: v for k, v in site["skipped"].items() if v}
     details.append(f"  skipped: {_fmt_counts(skipped, 12)}")
+  if any(site["sources"] != [name] for name, site in report["sites"].items()):
+    for name, counts in report["sources"].items():  # pooled sites: counts per source
+      details.append(f"- source **{name}** skipped: "
+                     f"{_fmt_counts({k: v for k, v in counts.items() if v}, 12)}")
   return "\n".join(rows + [""] + details)

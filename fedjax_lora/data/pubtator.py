@@ -29,14 +29,6 @@ BIORED_RELATION_TYPES = ("Association", "Positive_Correlation", "Negative_Correl
 BIORED_SPLITS = {"train": "Train.PubTator", "dev": "Dev.PubTator", "test": "Test.PubTator"}
 
 _HEADER = re.compile(r"^([^|\t]+)\|([ta])\|(.*)$")
-_NO_CONCEPT = {"", "-", "-1"}
-
-
-def concept_ids(field: str) -> tuple[str, ...]:
-  """A mention's ids: comma/semicolon separated ("-" = none). `|` is part of variant ids."""
-  return tuple(c.strip() for c in re.split(r"[,;]", field) if c.strip() not in _NO_CONCEPT)
-
-
 class _Builder:
   """Collects the lines of one document, then checks and assembles it."""
 
@@ -71,9 +63,9 @@ class _Builder:
       ent = Entity(id=f"T{len(entities) + 1}", start=start, end=end, type=f[4], text=f[3],
                    concept=concept)
       entities.append(ent)
-      for c in concept_ids(concept):
+      for c in ent.concept_ids:
         by_concept[c].append(ent.id)
-    relations, novelty = [], {}
+    relations, novelty, relation_concepts = [], {}, {}
     for n, (lineno, f) in enumerate(self.relations, start=1):
       here = where(self.source, lineno, self.pmid)
       rel_type, id1, id2 = f[1], f[2], f[3]
@@ -83,6 +75,7 @@ class _Builder:
         if c not in by_concept:
           raise DataError(f"{here}: relation argument {c!r} is not the concept id of any mention")
       rel_id = f"R{n}"
+      relation_concepts[rel_id] = (id1, id2)
       if len(f) > 4:
         novelty[rel_id] = f[4]
       pairs = [(h, t) for h in by_concept[id1] for t in by_concept[id2] if h != t]
@@ -92,7 +85,8 @@ class _Builder:
     doc = Document(id=self.pmid, text=text, entities=tuple(entities), relations=tuple(relations),
                    source=self.source, line=self.line,
                    meta={"pmid": self.pmid, "title_length": len(self.title),
-                         "concept_relations": len(self.relations), "novelty": novelty})
+                         "concept_relations": len(self.relations), "novelty": novelty,
+                         "relation_concepts": relation_concepts})
     validate_document(doc)
     return doc
 

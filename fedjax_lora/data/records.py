@@ -52,6 +52,12 @@ class Entity:
   def pieces(self) -> tuple[tuple[int, int], ...]:
     return self.fragments if self.fragments else ((self.start, self.end),)
 
+  @property
+  def concept_ids(self) -> tuple[str, ...]:
+    """The ids in `concept`; several are separated by commas or semicolons ("-" = none)."""
+    return tuple(c.strip() for c in self.concept.replace(";", ",").split(",")
+                 if c.strip() not in ("", "-", "-1"))
+
 
 @dataclasses.dataclass(frozen=True)
 class Relation:

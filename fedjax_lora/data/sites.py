@@ -86,6 +86,13 @@ class Site:
 
 
 @dataclasses.dataclass
+class SitePlan:
+  """The sites, plus each source's reader/dedup/window counts (which pooled sites share)."""
+  sites: dict[str, Site]
+  sources: dict[str, collections.Counter]
+
+
+@dataclasses.dataclass
 class _Prepared:
   spec: SourceSpec
   labels: tuple[list[str], list[str]]
@@ -118,9 +125,26 @@ def _window_budget(spec: SourceSpec, docs: Sequence[Document], labels, max_lengt
   return budget
 
 
+def _twins(docs: Sequence[Document], others: Mapping[str, list[Document]], own: str):
+  """Document id -> "<corpus> (<key>)" for docs that also occur in another corpus."""
+  twins = {}
+  for other_name, other_docs in others.items():
+    if other_name != own:
+      for doc_id, why in dedup.overlapping(docs, other_docs).items():
+        twins.setdefault(doc_id, f"{other_name} ({why.split()[0]})")
+  return twins
+
+
 def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
-             others: Mapping[str, list[Document]], max_length: int,
-             count: windows.TokenCounter, seed: int) -> _Prepared:
+             others: Mapping[str, list[Document]], external: Mapping[str, list[Document]],
+             max_length: int, count: windows.TokenCounter) -> _Prepared:
+  """Reads, deduplicates and windows one source.
+
+  Dev and test documents that also occur in another corpus of the plan are removed (the
+  dev split feeds the server validation set); training documents that occur in an
+  external-validation site are removed too, so the held-out site stays unseen (data.md
+  §4.2: BioRED abstracts that are also in NCBI-disease).
+  """
   skipped = collections.Counter()
   docs = {}
   for split, corpus_split in spec.splits.items():
@@ -130,16 +154,15 @@ def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
     for reason, n in corpus.skipped.items():
       skipped[f"{split}: reader: {reason}"] += n
     kept = corpus.documents
-    if split == "test":
+    if split in ("dev", "test"):
+      twins = _twins(kept, others, spec.corpus)
+    elif spec.role == "train":
+      twins = _twins(kept, external, spec.corpus)
+    else:
       twins = {}
-      for other_name, other_docs in others.items():
-        if other_name != spec.corpus:
-          for doc_id, why in dedup.overlapping(kept, other_docs).items():
-            twins.setdefault(doc_id, f"{other_name} ({why.split()[0]})")
-      for why in twins.values():
-        skipped[f"test: document also in {why}"] += 1
-      kept = [d for d in kept if d.id not in twins]
-    docs[split] = kept
+    for why in twins.values():
+      skipped[f"{split}: document also in {why}"] += 1
+    docs[split] = [d for d in kept if d.id not in twins]
   label_docs = docs.get("train") or docs.get("test") or next(iter(docs.values()))
   labels = task_lib.source_labels(label_docs, spec.labels)
   budget = _window_budget(spec, label_docs, labels, max_length, count)
@@ -148,9 +171,11 @@ def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
     report = windows.WindowReport()
     wins[split] = [windows.split_document(d, budget, spec.unit, spec.pack, count, report)
                    for d in split_docs]
-    skipped[f"{split}: relation mention pairs split across windows"] += report.relations_across_windows
+    skipped[f"{split}: relation mention pairs split across windows"] += \
+        report.relations_across_windows
     skipped[f"{split}: relations lost entirely (no pair in one window)"] += \
         report.concept_relations_lost
+    skipped[f"{split}: mentions outside every window"] += report.entities_outside_windows
   return _Prepared(spec, labels, wins, docs, +skipped)
 
 
@@ -166,12 +191,14 @@ def _stats(examples: Sequence[task_lib.Example], documents: int) -> dict:
   by_task = collections.Counter(e.task for e in examples)
   ent = collections.Counter(s.label for e in examples if e.task == "ner" for s in e.spans)
   rel = collections.Counter(s.label for e in examples if e.task == "re" for s in e.spans)
+  # RE targets: related spans marked in RE answers (an undirected relation is a target
+  # from both of its ends), not the corpus's relation count.
   return {"documents": documents, "examples": dict(sorted(by_task.items())),
-          "entities": dict(sorted(ent.items())), "relations": dict(sorted(rel.items()))}
+          "entities": dict(sorted(ent.items())), "relation_targets": dict(sorted(rel.items()))}
 
 
 def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_token_count,
-                log: Callable[[str], None] = lambda s: None) -> dict[str, Site]:
+                log: Callable[[str], None] = lambda s: None) -> "SitePlan":
   """All sites of a data config (see configs/data_*.py), deterministic for config.seed."""
   seed = int(config.get("seed", 0))
   max_length = int(config.get("max_length", 800))
@@ -187,10 +214,12 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
   everything = collections.defaultdict(list)
   for (name, _), corpus in corpora.items():
     everything[name].extend(corpus.documents)
+  external = {s.corpus: everything[s.corpus] for s in specs if s.role == "external"}
   prepared = {}
   for spec in specs:
     log(f"windowing {spec.name}")
-    prepared[spec.name] = _prepare(spec, corpora, everything, max_length, count_tokens, seed)
+    prepared[spec.name] = _prepare(spec, corpora, everything, external, max_length,
+                                   count_tokens)
 
   part = config.get("partition", None) or {}
   kind = part.get("kind", "natural")
@@ -199,12 +228,11 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
   assignment = _assign(kind, part, prepared, seed)
   sites = {}
   for site_name, role, members in assignment:
-    report = task_lib.TaskReport()
     examples, documents, stats = {}, {}, {}
     skipped = collections.Counter()
     sources = sorted({src for split_members in members.values() for src, _ in split_members})
-    for src in sources:
-      if kind == "natural":
+    if kind == "natural":  # pooled sites share their sources' counts: see SitePlan.sources
+      for src in sources:
         skipped.update(prepared[src].skipped)
     for split in SPLITS:
       split_members = members.get(split)
@@ -213,6 +241,7 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
       by_source = collections.defaultdict(list)
       for src, i in split_members:
         by_source[src].append(i)
+      report = task_lib.TaskReport()
       ex = []
       for src, idx in by_source.items():
         ex += _examples(prepared[src], split, idx, seed, report)
@@ -226,10 +255,10 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
           ex = ex[:cap]
       examples[split], documents[split] = ex, doc_ids
       stats[split] = _stats(ex, len(doc_ids))
-    for reason, n in report.counts.items():
-      skipped[f"tasks: {reason}"] += n
+      for reason, n in report.counts.items():
+        skipped[f"{split}: tasks: {reason}"] += n
     sites[site_name] = Site(site_name, role, sources, examples, documents, stats, +skipped)
-  return sites
+  return SitePlan(sites, {name: p.skipped for name, p in prepared.items()})
 
 
 def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int):

@@ -32,19 +32,23 @@ class LabelSpec:
   `entity_map` / `relation_map` rename corpus types (several to one merges them; None or ""
   drops the type, counted). Types absent from a map keep their corpus name.
   `entity_glosses` / `relation_glosses`: "Use <span class="T"> to denote GLOSS." text;
-  `entity_definitions`: optional longer "### Entity Definitions:" lines (paper template).
+  `entity_definitions`: optional "### Entity Definitions:" lines, each complete with its
+  heading ("Medical Problem: The abnormal ..."), as a mapping type -> line or as
+  (type, line) pairs, whose order is then kept (the paper lists them in its own order).
   """
   entity_map: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
   relation_map: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
   entity_glosses: Mapping[str, str] = dataclasses.field(default_factory=dict)
   relation_glosses: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  entity_definitions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  entity_definitions: Mapping[str, str] | Sequence[tuple[str, str]] = ()
   entity_order: Sequence[str] = ()  # prompt order; default: sorted
   undirected: Sequence[str] = ()  # corpus relation types that also hold tail -> head
   ner_types: Sequence[str] = ()   # site labels the NER task tags (default: all); others
                                   # only serve as relation arguments (paper: modifiers)
   group_by_concept: bool = False  # RE: one example per head concept (all its mentions
                                   # anchored), for document-level relations (BioRED)
+  transitive: Sequence[str] = ()  # corpus relation types that group their arguments
+                                  # (Chia's OR): every member relates to every other
 
   def entity_label(self, corpus_type: str) -> str | None:
     return self.entity_map.get(corpus_type, corpus_type) or None
@@ -82,7 +86,11 @@ def _guides(labels: Sequence[str], glosses: Mapping[str, str]) -> str:
 
 def ner_prompt(text: str, labels: Sequence[str], spec: LabelSpec) -> str:
   parts = [NER_TASK, "\n### Entity Markup Guides:\n", _guides(labels, spec.entity_glosses)]
-  defs = [f"{t}: {spec.entity_definitions[t]}\n" for t in labels if t in spec.entity_definitions]
+  defs_spec = spec.entity_definitions
+  pairs = (sorted(defs_spec.items(), key=lambda kv: list(labels).index(kv[0])
+                  if kv[0] in labels else len(labels))
+           if isinstance(defs_spec, Mapping) else [tuple(p) for p in defs_spec])
+  defs = [f"{line}\n" for t, line in pairs if t in labels]
   if defs:
     parts += ["\n### Entity Definitions:\n", *defs]
   parts += ["\n### Input Text:\n", text, "\n### Output Text:\n"]
@@ -148,18 +156,31 @@ def ner_examples(source: str, doc: Document, spans: Mapping[str, Span], labels: 
                   render(doc.text, kept), doc.text, tuple(kept))]
 
 
-def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
-                entity_labels: Sequence[str], relation_labels: Sequence[str], spec: LabelSpec,
-                report: TaskReport) -> list[Example]:
-  """One example per head mention (or head concept) with at least one expressible relation."""
-  by_id = {e.id: e for e in doc.entities}
+def _closed_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+  """Every ordered pair within each connected component (for equivalence-like groups)."""
+  parent: dict[str, str] = {}
 
-  def group(entity_id: str) -> str:
-    concept = by_id[entity_id].concept
-    return f"concept:{concept}" if spec.group_by_concept and concept else entity_id
+  def find(x):
+    parent.setdefault(x, x)
+    while parent[x] != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
 
-  anchors_of: dict[str, set[str]] = collections.defaultdict(set)
-  tails_of: dict[str, list[Span]] = collections.defaultdict(list)
+  for a, b in pairs:
+    parent[find(a)] = find(b)
+  groups = collections.defaultdict(list)
+  for x in list(parent):
+    groups[find(x)].append(x)
+  return [(a, b) for members in groups.values() for a in sorted(members)
+          for b in sorted(members) if a != b]
+
+
+def _directed_pairs(doc: Document, spans: Mapping[str, Span], spec: LabelSpec,
+                    report: TaskReport):
+  """(head id, tail id, site label, head concept key) for every expressible relation."""
+  relation_concepts = doc.meta.get("relation_concepts", {})
+  out, closed = [], collections.defaultdict(list)
   for r in doc.relations:
     label = spec.relation_label(r.type)
     if label is None:
@@ -168,13 +189,43 @@ def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
     if r.head not in spans or r.tail not in spans:
       report.add("relation with a dropped argument")
       continue
-    pairs = [(r.head, r.tail)] + ([(r.tail, r.head)] if r.type in spec.undirected else [])
-    for head, tail in pairs:
-      anchors_of[group(head)].add(head)
-      tails_of[group(head)].append(Span(spans[tail].start, spans[tail].end, label))
+    if r.type in spec.transitive:
+      closed[label].append((r.head, r.tail))
+      continue
+    head_concept, tail_concept = relation_concepts.get(r.id, (None, None))
+    out.append((r.head, r.tail, label, head_concept))
+    if r.type in spec.undirected:
+      out.append((r.tail, r.head, label, tail_concept))
+  for label, pairs in closed.items():
+    out += [(a, b, label, None) for a, b in _closed_pairs(pairs)]
+  return out
+
+
+def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
+                entity_labels: Sequence[str], relation_labels: Sequence[str], spec: LabelSpec,
+                report: TaskReport) -> list[Example]:
+  """One example per head mention (or head concept) with at least one expressible relation.
+
+  With `group_by_concept`, the anchor is every mention in the window that carries the
+  relation's head concept id, so the model is never taught that a co-referent mention
+  of the marked concept is unrelated.
+  """
+  by_id = {e.id: e for e in doc.entities}
+  anchors_of: dict[str, set[str]] = collections.defaultdict(set)
+  tails_of: dict[str, list[Span]] = collections.defaultdict(list)
+  for head, tail, label, head_concept in _directed_pairs(doc, spans, spec, report):
+    if spec.group_by_concept and (head_concept or by_id[head].concept):
+      concept = head_concept or by_id[head].concept
+      key = f"concept:{concept}"
+      anchors_of[key].update(i for i in spans if concept in by_id[i].concept_ids)
+    else:
+      key = head
+    anchors_of[key].add(head)
+    tails_of[key].append(Span(spans[tail].start, spans[tail].end, label))
   examples = []
   for key, heads in anchors_of.items():
-    anchors, _ = select_flat(spans[h] for h in heads)
+    anchors, clashing = select_flat(spans[h] for h in heads)
+    report.add("anchor mention overlapping another anchor", len(clashing))
     tails = set(tails_of[key])
     covered = {t for t in tails if any(t.start < a.end and a.start < t.end for a in anchors)}
     report.add("related mention overlapping its anchor", len(covered))

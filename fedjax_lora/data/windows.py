@@ -98,6 +98,7 @@ class WindowReport:
   oversized_units_cut: int = 0
   relations_across_windows: int = 0
   concept_relations_lost: int = 0  # relation ids (e.g. BioRED concept pairs) with no pair left
+  entities_outside_windows: int = 0  # e.g. a mention in whitespace trimmed off the ends
 
 
 def split_document(doc: Document, max_tokens: int | None, unit: str = "sentence",
@@ -157,6 +158,7 @@ def _materialise(doc: Document, bounds, report: WindowReport) -> list[Document]:
             e, start=e.start - a, end=e.end - a,
             fragments=tuple((s - a, t - a) for s, t in e.fragments)))
     windows.append((a, b, ents))
+  report.entities_outside_windows += len(doc.entities) - len(home)
   rels_by_window = collections.defaultdict(list)
   surviving_ids, all_ids = set(), set()
   for r in doc.relations:
