@@ -5,12 +5,14 @@ import sys
 from absl import app
 
 from fedjax_lora.data.records import DataError
+from fedjax_lora.simulator import ConfigError as FederationConfigError
 from models.config import ConfigError
 from models.hf_checkpoint import CheckpointError
 from models.peft_io import AdapterError
 from models.tokenizer import TokenizerError
 
-INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError, DataError)
+INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError, DataError,
+                FederationConfigError)
 
 
 def run(main):

@@ -1,0 +1,179 @@
+"""One federated round as one compiled program: local training of every sampled client,
+server-side validation, aggregation and the update of per-site state.
+
+Clients run under `jax.vmap` over a leading client axis with the frozen base broadcast
+(`mode="vmap"`), or one after another under `lax.map` when only one client fits in memory
+(`mode="sequential"`). Both trace the same client function, so their results agree; the
+client axis can be sharded over a mesh axis `clients` by placing the inputs (see
+`fedjax_lora.mesh`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import jax
+import jax.numpy as jnp
+
+from fedjax_lora import aggregators as agg_lib
+from fedjax_lora.algorithms import Algorithm
+from fedjax_lora.client import ClientConfig, client_update, scaffold_control
+from fedjax_lora.losses import causal_lm_loss
+from models import llama
+from models.lora import LoraAdapter, LoraSpec
+
+MODES = ("vmap", "sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSpec:
+  """Everything static about a round (hashable: part of the compiled program's identity)."""
+  algorithm: Algorithm
+  client: ClientConfig
+  global_spec: LoraSpec
+  local_spec: LoraSpec | None = None
+  mode: str = "vmap"
+  gamma: float = 0.0           # fedmedlora_plus: p_k ∝ n_k^gamma exp(-L_k / T)
+  temperature: float = 1.0
+  keep_optimizer_state: bool = False
+
+
+def base_with_delta(base: dict, delta: dict, spec: LoraSpec) -> dict:
+  """Adds dense per-target deltas [n, in, out] (times the LoRA scale) into the base kernels."""
+  if not delta:
+    return base
+  layers = dict(base["layers"])
+  num_layers = next(iter(layers.values())).shape[0]
+  idx = jnp.array(spec.layer_indices(num_layers))
+  for target, d in delta.items():
+    w = layers[target]
+    merged = w[idx].astype(jnp.float32) + spec.scale * d
+    layers[target] = w.at[idx].set(merged.astype(w.dtype))
+  return {**base, "layers": layers}
+
+
+def validation_loss(graphdef, base, adapters, val: dict):
+  """Mean token cross-entropy over the validation set (chunks of [C, L] under lax.map)."""
+  def chunk(batch):
+    logits, _ = llama.forward(graphdef, base, adapters, batch["tokens"],
+                              attention_mask=batch["attention_mask"])
+    mean, count = causal_lm_loss(logits, batch["tokens"], batch["loss_mask"])
+    return mean * count, count
+  sums, counts = jax.lax.map(chunk, val)
+  return jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def _client_axis(fn, mode, in_axes):
+  if mode == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+  def sequential(*args):
+    mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+    def one(xs):
+      it = iter(xs)
+      return fn(*[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)])
+    return jax.lax.map(one, tuple(mapped))
+  return sequential
+
+
+def _take(tree, idx):
+  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree)
+
+
+def _scatter(tree, idx, values, present):
+  def put(full, new):
+    old = jnp.take(full, idx, axis=0)
+    keep = present.reshape((-1,) + (1,) * (new.ndim - 1))
+    return full.at[idx].set(jnp.where(keep, new, old))
+  return jax.tree.map(put, tree, values)
+
+
+def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, state: dict,
+               batches: dict, step_mask, idx, present, token_counts, rngs, val: dict | None,
+               rank_mask=None):
+  """(state, round inputs) -> (state, metrics). State: global, server, sites (stacked [N])."""
+  alg = spec.algorithm
+  server = state["server"]
+  if alg.merge_base:
+    base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+  sites = state["sites"]
+  global_params = state["global"]
+  m = idx.shape[0]
+
+  per_client_global = jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), global_params)
+  if alg.personal_factors:  # fedsa_lora: each site trains with its own B
+    personal = _take(sites["personal"], idx)
+    per_client_global = {t: {f: personal[t][f] if f in alg.personal_factors else ab[f]
+                             for f in ab} for t, ab in per_client_global.items()}
+  trainable = {"global": per_client_global}
+  specs = {"global": spec.global_spec}
+  if alg.local_adapter:
+    trainable["local"] = _take(sites["local"], idx)
+    specs["local"] = spec.local_spec
+  site_controls = _take(sites["control"], idx) if alg.scaffold else None
+  opt_state = _take(sites["opt"], idx) if spec.keep_optimizer_state else None
+
+  def one_client(trainable_k, batches_k, mask_k, rng_k, control_k, rank_k, opt_k):
+    control = None if control_k is None else (server["control"], control_k)
+    return client_update(graphdef, base, trainable_k, specs, batches_k, mask_k, rng_k, spec.client,
+                         anchor=global_params, control=control, rank_mask=rank_k,
+                         opt_state=opt_k)
+
+  in_axes = tuple(None if a is None else 0 for a in (
+      trainable, batches, step_mask, rngs, site_controls, rank_mask, opt_state))
+  run = _client_axis(one_client, spec.mode, in_axes)
+  trained, new_opt, client_metrics = run(trainable, batches, step_mask, rngs, site_controls,
+                                         rank_mask, opt_state)
+
+  metrics = {"client_" + k: v for k, v in client_metrics.items()}
+  present_f = present.astype(jnp.float32)
+  token_counts = token_counts.astype(jnp.float32)
+  if alg.needs_validation:
+    def client_val(g, local):
+      adapters = [LoraAdapter(g, spec.global_spec)]
+      if local is not None:
+        adapters.append(LoraAdapter(local, spec.local_spec))
+      return validation_loss(graphdef, base, adapters, val)
+    val_axes = (0, 0 if alg.local_adapter else None)
+    losses = _client_axis(client_val, spec.mode, val_axes)(
+        trained["global"], trained.get("local"))
+    weights = agg_lib.validation_weights(losses, token_counts, present, spec.gamma,
+                                         spec.temperature)
+    metrics["client_val_loss"] = losses
+  else:
+    n = token_counts * present_f
+    weights = n / jnp.maximum(jnp.sum(n), 1.0)
+  metrics["weights"] = weights
+
+  extras = {"num_clients": jnp.float32(jax.tree.leaves(sites)[0].shape[0]
+                                       if jax.tree.leaves(sites) else m)}
+  if rank_mask is not None:
+    extras["rank_mask"] = rank_mask
+  if alg.scaffold:
+    new_controls = jax.vmap(scaffold_control, in_axes=(None, 0, None, 0, 0))(
+        server["control"], site_controls, global_params, trained["global"],
+        client_metrics["lr_sum"])
+    extras["control_delta"] = jax.tree.map(jnp.subtract, new_controls, site_controls)
+  new_global, new_server, agg_metrics = aggregator.apply(
+      global_params, trained["global"], weights, present, server, extras)
+  metrics.update(agg_metrics)
+
+  new_sites = dict(sites)
+  if alg.personal_factors:
+    kept = {t: {f: trained["global"][t][f] for f in alg.personal_factors}
+            for t in trained["global"]}
+    new_sites["personal"] = _scatter(sites["personal"], idx, kept, present)
+  if alg.local_adapter:
+    new_sites["local"] = _scatter(sites["local"], idx, trained["local"], present)
+  if alg.scaffold:
+    new_sites["control"] = _scatter(sites["control"], idx, new_controls, present)
+  if spec.keep_optimizer_state:
+    new_sites["opt"] = _scatter(sites["opt"], idx, new_opt, present)
+  return {**state, "global": new_global, "server": new_server, "sites": new_sites}, metrics
+
+
+def compile_round(spec: RoundSpec, aggregator, graphdef):
+  """The jitted round; per-site state and the global adapter are donated."""
+  if spec.mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
+  fn = functools.partial(round_step, spec, aggregator, graphdef)
+  return jax.jit(fn, donate_argnames=("state",))

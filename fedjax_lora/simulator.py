@@ -1,0 +1,296 @@
+"""The federated round loop: sampling, availability, compiled rounds, logging, checkpoints.
+
+All randomness is derived from (seed, round, site), so a run resumed from the checkpoint
+of round t continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lora import aggregators as agg_lib
+from fedjax_lora import batching, checkpointing, comm
+from fedjax_lora.algorithms import Algorithm
+from fedjax_lora.client import ClientConfig
+from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.rounds import RoundSpec, base_with_delta, compile_round, validation_loss
+from models import llama, lora
+from models.lora import LoraAdapter, LoraSpec
+
+
+class ConfigError(ValueError):
+  """A federation setting that cannot work; raised before any training."""
+
+
+@dataclasses.dataclass
+class SiteData:
+  name: str
+  train: SiteArrays
+  dev: SiteArrays | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  rounds: int = 3
+  epochs: int = 2
+  batch_size: int = 4
+  accumulation: int = 1
+  clients_per_round: int = 0      # 0: every site
+  availability: float = 1.0       # probability that a sampled client reports back
+  seed: int = 0
+  val_examples_per_site: int = 50
+  val_chunk: int = 16
+  eval_every: int = 1
+  keep_last: int = 3
+  best_metric: str = "val_loss"
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+  return np.random.default_rng([seed, *keys])
+
+
+def sample_clients(num_sites: int, run: RunConfig, round_index: int):
+  """(indices [M], present [M]): seeded sampling, then availability per sampled client."""
+  m = run.clients_per_round or num_sites
+  rng = _rng(run.seed, 1, round_index)
+  idx = np.sort(rng.choice(num_sites, size=m, replace=False)) if m < num_sites \
+      else np.arange(num_sites)
+  present = rng.random(m) < run.availability
+  if not present.any():  # a round with nobody back changes nothing; keep one to progress
+    present[rng.integers(m)] = True
+  return idx, present
+
+
+def _pad_length(arrays: list[SiteArrays]) -> int:
+  return max(a.tokens.shape[1] for a in arrays)
+
+
+def server_validation_set(sites: list[SiteData], per_site: int, chunk: int, length: int):
+  """The first `per_site` dev examples of every training site, chunked [C, chunk, L]."""
+  rows = []
+  for s in sites:
+    if s.dev is None or len(s.dev) == 0:
+      raise ConfigError(f"site {s.name} has no dev split for the server validation set")
+    n = min(per_site, len(s.dev))
+    rows.append(batching.gather(s.dev, np.arange(n), length))
+  stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  total = stacked["tokens"].shape[0]
+  chunks = math.ceil(total / chunk)
+  pad = chunks * chunk - total
+  out = {}
+  for k, v in stacked.items():
+    fill = np.zeros((pad,) + v.shape[1:], v.dtype)
+    if k == "attention_mask":
+      fill[:, 0] = True
+    out[k] = np.concatenate([v, fill]).reshape((chunks, chunk) + v.shape[1:])
+  return out
+
+
+class Federation:
+  """Holds the compiled round and the state; `run()` executes rounds with logging."""
+
+  def __init__(self, graphdef, base: dict, model_config, sites: list[SiteData], algorithm: Algorithm,
+               aggregator: agg_lib.Aggregator, client: ClientConfig, lora_spec: LoraSpec,
+               run: RunConfig, *, local_spec: LoraSpec | None = None,
+               site_ranks: list[int] | None = None, mode: str = "vmap", gamma: float = 0.0,
+               temperature: float = 1.0, keep_optimizer_state: bool = False,
+               workdir: str | None = None, log: Callable[[str], None] = print,
+               place: Callable | None = None):
+    self.graphdef, self.base, self.model_config = graphdef, base, model_config
+    self.sites, self.algorithm, self.aggregator, self.run = sites, algorithm, aggregator, run
+    self.log, self.workdir = log, Path(workdir) if workdir else None
+    self.place = place or (lambda tree, client_axis: tree)
+    n = len(sites)
+    if run.clients_per_round > n:
+      raise ConfigError(f"clients_per_round={run.clients_per_round} but only {n} sites")
+    if not 0.0 < run.availability <= 1.0:
+      raise ConfigError(f"availability must be in (0, 1], got {run.availability}")
+    if site_ranks and not algorithm.hetero_ranks:
+      if len(set(site_ranks)) > 1:
+        raise ConfigError(f"per-site ranks {site_ranks} need a heterogeneous-rank aggregator "
+                          "(flora, flexlora, hetlora)")
+    if site_ranks and len(site_ranks) != n:
+      raise ConfigError(f"site_ranks has {len(site_ranks)} entries for {n} sites")
+    if site_ranks and max(site_ranks) != lora_spec.rank:
+      raise ConfigError(f"the global rank ({lora_spec.rank}) must equal the largest site rank "
+                        f"({max(site_ranks)})")
+    if algorithm.local_adapter and local_spec is None:
+      raise ConfigError("dual_lora needs a local adapter spec (config.lora.local_rank)")
+    self.length = _pad_length([s.train for s in sites] + [s.dev for s in sites if s.dev])
+    self.val = None
+    if algorithm.needs_validation or run.val_examples_per_site:
+      if algorithm.needs_validation and not run.val_examples_per_site:
+        raise ConfigError(f"{aggregator.name} needs a server validation set; set "
+                          "val_examples_per_site > 0")
+      self.val = jax.tree.map(jnp.asarray, server_validation_set(
+          sites, run.val_examples_per_site, run.val_chunk, self.length))
+    self.token_counts = np.array([s.train.token_count for s in sites], np.float32)
+    self.rank_masks = None
+    if site_ranks:
+      self.rank_masks = (np.arange(lora_spec.rank)[None, :] <
+                         np.array(site_ranks)[:, None]).astype(np.float32)
+    self.spec = RoundSpec(algorithm, client, lora_spec, local_spec, mode, gamma, temperature,
+                          keep_optimizer_state)
+    self.round_fn = compile_round(self.spec, aggregator, graphdef)
+    self.val_fn = jax.jit(lambda base, adapters, val: validation_loss(graphdef, base, adapters,
+                                                                       val))
+    self.full_model_bytes = comm.model_bytes(base)
+    self.state = self.initial_state()
+    self.history: list[dict] = []
+    self.checkpointer = None
+    if self.workdir is not None:
+      self.checkpointer = checkpointing.RoundCheckpointer(
+          self.workdir / "checkpoints", keep_last=run.keep_last, best_metric=run.best_metric,
+          best_mode="min")
+
+  # ---- state -------------------------------------------------------------------------------
+  def initial_state(self) -> dict:
+    """Round-0 state: one shared global adapter (the server's init, sent to every site)."""
+    cfg, spec = self.model_config, self.spec
+    key = jax.random.key(self.run.seed)
+    g_key, l_key = jax.random.split(key)
+    global_params = lora.init_adapter(cfg, spec.global_spec, g_key).params
+    n = len(self.sites)
+    stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * n), tree)
+    sites = {}
+    if self.algorithm.personal_factors:
+      sites["personal"] = stack({t: {f: ab[f] for f in self.algorithm.personal_factors}
+                                 for t, ab in global_params.items()})
+    if self.algorithm.local_adapter:
+      sites["local"] = stack(lora.init_adapter(cfg, spec.local_spec, l_key).params)
+    if self.algorithm.scaffold:
+      sites["control"] = stack(jax.tree.map(jnp.zeros_like, global_params))
+    if spec.keep_optimizer_state:
+      from fedjax_lora.client import optimizer
+      trainable = {"global": global_params}
+      if self.algorithm.local_adapter:
+        trainable["local"] = lora.init_adapter(cfg, spec.local_spec, l_key).params
+      sites["opt"] = stack(optimizer(spec.client).init(trainable))
+    return {"global": global_params, "server": self.aggregator.init(global_params),
+            "sites": sites, "round": jnp.int32(0)}
+
+  def effective_base(self):
+    if self.algorithm.merge_base:
+      return base_with_delta(self.base, self.state["server"].get("base_delta", {}),
+                             self.spec.global_spec)
+    return self.base
+
+  def global_adapters(self) -> list[LoraAdapter]:
+    """The global model: for fedsa_lora, B is the token-weighted mean of the sites' B."""
+    params = self.state["global"]
+    if self.algorithm.personal_factors:
+      w = jnp.asarray(self.token_counts / self.token_counts.sum())
+      mean = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), self.state["sites"]["personal"])
+      params = {t: {f: mean[t][f] if f in mean[t] else ab[f] for f in ab}
+                for t, ab in params.items()}
+    return [LoraAdapter(params, self.spec.global_spec)]
+
+  # ---- rounds ------------------------------------------------------------------------------
+  def _round_inputs(self, r: int):
+    idx, present = sample_clients(len(self.sites), self.run, r)
+    rngs = [_rng(self.run.seed, 2, r, int(k)) for k in idx]
+    batches, step_mask = batching.round_batches(
+        [self.sites[k].train for k in idx], self.run.batch_size, self.run.accumulation,
+        self.run.epochs, rngs, self.length, self.max_steps())
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(self.run.seed), r), len(idx))
+    rank = None if self.rank_masks is None else self.rank_masks[idx]
+    return idx, present, batches, step_mask, keys, rank
+
+  def max_steps(self) -> int:
+    from fedjax_lora.client import steps_per_round
+    return max(steps_per_round(len(s.train), self.run.batch_size, self.run.accumulation,
+                               self.run.epochs) for s in self.sites)
+
+  def step(self) -> dict:
+    """Runs the next round; returns its metrics (also appended to `history`)."""
+    r = int(self.state["round"]) + 1
+    t0 = time.perf_counter()
+    idx, present, batches, step_mask, keys, rank = self._round_inputs(r)
+    placed = self.place({"batches": batches, "step_mask": step_mask, "idx": idx,
+                         "present": present, "counts": self.token_counts[idx], "keys": keys,
+                         "rank": rank}, True)
+    uplink_example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  self.state["global"])  # the state is donated below
+    self.state, metrics = self.round_fn(
+        self.base, self.state, placed["batches"], placed["step_mask"], placed["idx"],
+        placed["present"], placed["counts"], placed["keys"],
+        self.val, placed["rank"])
+    self.state["round"] = jnp.int32(r)
+    metrics = jax.device_get(metrics)
+    row = self._summarise(r, idx, present, metrics, uplink_example)
+    if self.val is not None and self.run.eval_every and r % self.run.eval_every == 0:
+      row["val_loss"] = float(self.val_fn(self.effective_base(), self.global_adapters(), self.val))
+    row["seconds"] = time.perf_counter() - t0
+    self.history.append(row)
+    self.log(self.format_row(row))
+    if self.checkpointer is not None:
+      self.checkpointer.save(r, self.checkpoint_state(), _jsonable(row))
+    return row
+
+  def _summarise(self, r, idx, present, metrics, uplink_example) -> dict:
+    names = [self.sites[k].name for k in idx]
+    sends = self.aggregator.sends
+    up = {t: {f: ab[f] for f in sends if f in ab} for t, ab in uplink_example.items()}
+    per_client = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(idx),) + x.shape, x.dtype), up)
+    traffic = comm.round_comm(per_client,
+                              self.state["global"], np.asarray(present), self.full_model_bytes,
+                              uplink_multiplier=2 if self.algorithm.scaffold else 1)
+    row = {"round": r, "clients": names, "present": [bool(p) for p in present],
+           "train_loss": {n: float(v) for n, v, p in zip(names, metrics["client_train_loss"],
+                                                          present) if p},
+           "weights": {n: float(w) for n, w, p in zip(names, metrics["weights"], present) if p},
+           "comm": traffic}
+    if "client_val_loss" in metrics:
+      row["client_val_loss"] = {n: float(v) for n, v, p in
+                                zip(names, metrics["client_val_loss"], present) if p}
+    for k, v in metrics.items():
+      if not k.startswith("client_") and k != "weights" and np.ndim(v) == 0:
+        row[k] = float(v)
+    n = np.array([metrics["client_train_tokens"][i] for i in range(len(idx))]) * present
+    losses = np.asarray(metrics["client_train_loss"])
+    row["mean_train_loss"] = float((losses * n).sum() / max(n.sum(), 1.0))
+    return row
+
+  @staticmethod
+  def format_row(row: dict) -> str:
+    weights = " ".join(f"{k}={v:.2f}" for k, v in row["weights"].items())
+    val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
+    up = row["comm"]["total_up_bytes"] / 1e6
+    return (f"round {row['round']:3d} | clients {sum(row['present'])}/{len(row['clients'])} | "
+            f"loss {row['mean_train_loss']:.4f}{val} | weights {weights} | up {up:.2f} MB | "
+            f"{row.get('seconds', 0):.1f}s")
+
+  # ---- checkpoints -------------------------------------------------------------------------
+  def checkpoint_state(self) -> dict:
+    return {"global": self.state["global"], "server": self.state["server"],
+            "sites": self.state["sites"], "round": self.state["round"]}
+
+  def resume(self) -> int:
+    """Restores the latest checkpoint of the workdir; returns its round (0 if none)."""
+    if self.checkpointer is None or self.checkpointer.latest_round() is None:
+      return 0
+    restored, _ = self.checkpointer.restore(target=self.checkpoint_state())
+    self.state = dict(restored)
+    self.log(f"resumed from round {int(self.state['round'])}")
+    return int(self.state["round"])
+
+  def run_rounds(self, until: int | None = None):
+    until = until or self.run.rounds
+    while int(self.state["round"]) < until:
+      self.step()
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
+    return self.history
+
+
+def _jsonable(row: dict) -> dict:
+  return json.loads(json.dumps(row, default=float))
