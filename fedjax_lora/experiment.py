@@ -90,12 +90,13 @@ def _aggregator(config) -> agg_lib.Aggregator:
 
 
 def build(config, workdir: str | None = None, log: Callable[[str], None] = print,
-          mesh=None) -> Federation:
+          mesh=None, data: prepare.PreparedData | None = None) -> Federation:
+  """A Federation for `config`; `data` reuses already prepared sites (tests, sweeps)."""
   check_config(config)
   workdir = Path(workdir) if workdir else None
   alg = get_algorithm(config.algorithm)
-  data_dir = workdir / "data" if workdir else None
-  data = prepare.prepare(config.data, data_dir, log=log)
+  if data is None:
+    data = prepare.prepare(config.data, workdir / "data" if workdir else None, log=log)
   tokenizer = data.tokenizer
   train_sites = [n for n, s in data.sites.items() if s.role == "train"]
   sites = [SiteData(n, data.arrays[n]["train"], data.arrays[n].get("dev")) for n in train_sites]

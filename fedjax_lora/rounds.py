@@ -88,14 +88,17 @@ def _scatter(tree, idx, values, present):
 
 
 def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, state: dict,
-               batches: dict, step_mask, idx, present, token_counts, rngs, val: dict | None,
-               rank_mask=None):
-  """(state, round inputs) -> (state, metrics). State: global, server, sites (stacked [N])."""
+               sites: dict, batches: dict, step_mask, idx, present, token_counts, rngs,
+               val: dict | None, rank_mask=None):
+  """(state, sites, round inputs) -> (state, sites, metrics).
+
+  state: {"global", "server"}; sites: per-site persistent state stacked over all N sites
+  (local adapters, personal factors, SCAFFOLD controls, optimizer states).
+  """
   alg = spec.algorithm
   server = state["server"]
   if alg.merge_base:
     base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
-  sites = state["sites"]
   global_params = state["global"]
   m = idx.shape[0]
 
@@ -168,12 +171,14 @@ def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, 
     new_sites["control"] = _scatter(sites["control"], idx, new_controls, present)
   if spec.keep_optimizer_state:
     new_sites["opt"] = _scatter(sites["opt"], idx, new_opt, present)
-  return {**state, "global": new_global, "server": new_server, "sites": new_sites}, metrics
+  return {**state, "global": new_global, "server": new_server}, new_sites, metrics
 
 
 def compile_round(spec: RoundSpec, aggregator, graphdef):
-  """The jitted round; per-site state and the global adapter are donated."""
+  """The jitted round. Per-site state (the bulk for dual_lora/fedsa_lora/SCAFFOLD) is donated;
+  the global adapter is not, since some aggregators legitimately return buffers they keep
+  in their state (FLoRA's shared A)."""
   if spec.mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
   fn = functools.partial(round_step, spec, aggregator, graphdef)
-  return jax.jit(fn, donate_argnames=("state",))
+  return jax.jit(fn, donate_argnames=("sites",))

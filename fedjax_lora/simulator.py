@@ -219,12 +219,13 @@ class Federation:
                          "present": present, "counts": self.token_counts[idx], "keys": keys,
                          "rank": rank}, True)
     uplink_example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                  self.state["global"])  # the state is donated below
-    self.state, metrics = self.round_fn(
-        self.base, self.state, placed["batches"], placed["step_mask"], placed["idx"],
-        placed["present"], placed["counts"], placed["keys"],
-        self.val, placed["rank"])
-    self.state["round"] = jnp.int32(r)
+                                  self.state["global"])
+    core = {"global": self.state["global"], "server": self.state["server"]}
+    core, sites, metrics = self.round_fn(
+        self.base, core, self.state["sites"], placed["batches"], placed["step_mask"],
+        placed["idx"], placed["present"], placed["counts"], placed["keys"], self.val,
+        placed["rank"])
+    self.state = {**core, "sites": sites, "round": jnp.int32(r)}
     metrics = jax.device_get(metrics)
     row = self._summarise(r, idx, present, metrics, uplink_example)
     if self.val is not None and self.run.eval_every and r % self.run.eval_every == 0:

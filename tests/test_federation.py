@@ -1,0 +1,203 @@
+"""The simulator: execution modes agree, masked steps are no-ops, resume is exact, every
+algorithm runs by name with its defining behaviour, bad configs fail before training."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import configs.federate as federate_config
+from fedjax_lora import experiment, mesh as mesh_lib
+from fedjax_lora.algorithms import ALGORITHMS
+from fedjax_lora.client import client_update
+from fedjax_lora.data import prepare
+from fedjax_lora.simulator import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+QUIET = lambda s: None
+
+
+def small_config(**overrides):
+  c = federate_config.get_config()
+  for name, cap in zip(sorted(c.data.sites), (6, 4, 2)):  # 3, 2 and 1 steps: ragged clients
+    c.data.sites[name].max_train_examples = cap
+  c.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                 num_kv_heads=2)
+  c.lora.rank = 4
+  c.lora.alpha = 16.0
+  c.lora.local_rank = 2
+  c.run.update(rounds=2, batch_size=2, val_examples_per_site=2, val_chunk=2)
+  for key, value in overrides.items():
+    target = c
+    *path, leaf = key.split(".")
+    for p in path:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def data():
+  return prepare.prepare(small_config().data, None, log=QUIET)
+
+
+def build(data, mesh=None, workdir=None, **overrides):
+  if mesh is None:
+    mesh = mesh_lib.make_mesh(1, 1)
+  return experiment.build(small_config(**overrides), workdir, log=QUIET, mesh=mesh, data=data)
+
+
+def _global(fed):
+  return jax.tree.map(np.asarray, fed.state["global"])
+
+
+def _assert_trees_close(a, b, atol=2e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=1e-4)
+
+
+def test_vmap_sequential_sharded_and_python_loop_agree(data):
+  runs = {}
+  for name, kwargs in {"vmap": {}, "sequential": {"mode": "sequential"}}.items():
+    fed = build(data, **kwargs)
+    fed.step()
+    runs[name] = _global(fed)
+  sharded = build(data, mesh=mesh_lib.make_mesh(3, 2))  # 3 client shards x 2 fsdp shards
+  sharded.step()
+  runs["sharded"] = _global(sharded)
+  _assert_trees_close(runs["vmap"], runs["sequential"])
+  _assert_trees_close(runs["vmap"], runs["sharded"])
+
+  # An explicit per-client Python loop with the same inputs, then FedAvg by token counts.
+  fed = build(data)
+  start = _global(fed)
+  idx, present, batches, step_mask, keys, _ = fed._round_inputs(1)
+  update = jax.jit(lambda t, b, m, k: client_update(
+      fed.graphdef, fed.base, t, {"global": fed.spec.global_spec}, b, m, k, fed.spec.client)[0])
+  ys = [update({"global": start}, jax.tree.map(lambda x: x[k], batches), step_mask[k], keys[k])
+        for k in range(len(idx))]
+  w = fed.token_counts[idx] / fed.token_counts[idx].sum()
+  expected = jax.tree.map(lambda *xs: sum(wk * np.asarray(x) for wk, x in zip(w, xs)),
+                          *[y["global"] for y in ys])
+  _assert_trees_close(runs["vmap"], expected)
+  assert not np.allclose(jax.tree.leaves(start)[1], jax.tree.leaves(expected)[1])
+
+
+def test_masked_steps_leave_a_client_where_it_ends_alone(data):
+  fed = build(data)
+  _, _, batches, step_mask, keys, _ = fed._round_inputs(1)
+  k = int(np.argmin(step_mask.sum(1)))
+  real = int(step_mask[k].sum())
+  assert real < step_mask.shape[1], "the smallest client must carry padded steps"
+  trainable = {"global": fed.state["global"]}
+  run = lambda b, m: client_update(fed.graphdef, fed.base, trainable,
+                                   {"global": fed.spec.global_spec}, b, m, keys[k],
+                                   fed.spec.client)[0]
+  padded = run(jax.tree.map(lambda x: x[k], batches), step_mask[k])
+  alone = run(jax.tree.map(lambda x: x[k, :real], batches), step_mask[k, :real])
+  _assert_trees_close(padded, alone, atol=1e-6)
+
+
+def test_resume_reaches_the_uninterrupted_state(data, tmp_path):
+  full = build(data, workdir=tmp_path / "full", **{"run.rounds": 4})
+  full.run_rounds()
+  part = build(data, workdir=tmp_path / "part", **{"run.rounds": 4})
+  part.run_rounds(until=2)
+  part.checkpointer.close()
+  resumed = build(data, workdir=tmp_path / "part", **{"run.rounds": 4})
+  assert resumed.resume() == 2
+  resumed.run_rounds()
+  for x, y in zip(jax.tree.leaves(_global(full)), jax.tree.leaves(_global(resumed))):
+    np.testing.assert_array_equal(x, y)
+  assert [r["round"] for r in resumed.history] == [3, 4]
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_runs_by_name(data, algorithm):
+  overrides = {"algorithm": algorithm}
+  if ALGORITHMS[algorithm].hetero_ranks:
+    overrides["lora.site_ranks"] = (4, 2, 1)
+  fed = build(data, **overrides)
+  start = _global(fed)
+  row = fed.step()
+  end = _global(fed)
+  assert np.isfinite(row["mean_train_loss"]) and np.isfinite(row["val_loss"])
+  a0, b0 = start["q_proj"]["a"], start["q_proj"]["b"]
+  a1, b1 = end["q_proj"]["a"], end["q_proj"]["b"]
+  adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(start))
+  up_per_client = row["comm"]["up_bytes"][0]
+  if algorithm == "ffa_lora":
+    np.testing.assert_array_equal(a0, a1)  # A stays at the shared init
+    assert not np.allclose(b0, b1) and up_per_client == adapter_bytes // 2
+  elif algorithm == "fedsa_lora":
+    np.testing.assert_array_equal(b0, b1)  # B never leaves the sites
+    assert up_per_client == adapter_bytes // 2
+    assert not np.allclose(fed.state["sites"]["personal"]["q_proj"]["b"], 0.0)
+  elif algorithm == "dual_lora":
+    assert up_per_client == adapter_bytes  # the local adapter is never sent
+    assert not np.allclose(fed.state["sites"]["local"]["q_proj"]["b"], 0.0)
+  elif algorithm == "scaffold":
+    assert up_per_client == 2 * adapter_bytes
+  elif algorithm == "flora":
+    np.testing.assert_array_equal(b1, 0.0)  # a fresh LoRA each round...
+    delta = fed.state["server"]["base_delta"]["q_proj"]
+    assert np.abs(np.asarray(delta)).max() > 0  # ...after merging the products into the base
+  elif algorithm == "fedmedlora_plus":
+    losses = np.array(list(row["client_val_loss"].values()))
+    weights = np.array(list(row["weights"].values()))
+    np.testing.assert_allclose(weights, np.exp(-losses) / np.exp(-losses).sum(), rtol=1e-5)
+  else:
+    assert not np.allclose(b0, b1)
+  if ALGORITHMS[algorithm].hetero_ranks and algorithm != "flora":
+    assert row["comm"]["up_bytes"][0] > 0
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"algorithm": "fedmagic"}, "unknown algorithm 'fedmagic'"),
+    ({"algorithm": "fedmedlora_plus", "run.val_examples_per_site": 0}, "val_examples_per_site"),
+    ({"lora.site_ranks": (4, 2, 2)}, "site_ranks"),
+    ({"run.clients_per_round": 5}, "clients_per_round=5"),
+    ({"mode": "pmap"}, "config.mode"),
+])
+def test_bad_config_fails_before_training(data, overrides, needle):
+  with pytest.raises(ConfigError, match=needle):
+    build(data, **overrides)
+
+
+def test_sampling_and_availability_are_seeded(data):
+  fed = build(data, **{"run.clients_per_round": 2, "run.availability": 0.5, "run.rounds": 3})
+  fed.run_rounds()
+  again = build(data, **{"run.clients_per_round": 2, "run.availability": 0.5, "run.rounds": 3})
+  again.run_rounds()
+  assert [(r["clients"], r["present"]) for r in fed.history] == \
+      [(r["clients"], r["present"]) for r in again.history]
+  assert all(len(r["clients"]) == 2 for r in fed.history)
+  for r in fed.history:  # absent clients get no weight and send nothing
+    assert set(r["weights"]) == {c for c, p in zip(r["clients"], r["present"]) if p}
+
+
+def test_launcher_losses_fall_and_adapter_is_exported(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  caps = [f"--config.data.sites.{s}.max_train_examples=12" for s in
+          ("discharge_summary", "narrative_hospital", "telegraphic_clinic")]
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}", "--config.run.rounds=3",
+       *caps], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("round ") >= 3
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r["mean_train_loss"] for r in rows]
+  val = [r["val_loss"] for r in rows]
+  assert train[0] > train[1] > train[2] and val[0] > val[1] > val[2]
+  assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+  assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+  again = subprocess.run(
+      [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}"], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert again.returncode != 0 and "--resume" in again.stderr
