@@ -40,7 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
       trim=0.1, max_norm=1.0,                # trimmed_mean, norm_clip
   ))
   c.run = ml_collections.ConfigDict(dict(
-      rounds=4, epochs=1, batch_size=4, accumulation=1, clients_per_round=0, availability=1.0,
+      rounds=4, epochs=1, batch_size=4, accumulation=1, clients_per_round=0, client_fraction=0.0,
+      availability=1.0,
       seed=0, val_examples_per_site=8, val_chunk=8, eval_every=1, keep_last=3,
       best_metric="val_loss",
   ))

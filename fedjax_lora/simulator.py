@@ -44,7 +44,8 @@ class RunConfig:
   epochs: int = 2
   batch_size: int = 4
   accumulation: int = 1
-  clients_per_round: int = 0      # 0: every site
+  clients_per_round: int = 0      # 0: every site (or client_fraction of them)
+  client_fraction: float = 0.0    # used when clients_per_round is 0 and this is > 0
   availability: float = 1.0       # probability that a sampled client reports back
   seed: int = 0
   val_examples_per_site: int = 50
@@ -60,7 +61,8 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 def sample_clients(num_sites: int, run: RunConfig, round_index: int):
   """(indices [M], present [M]): seeded sampling, then availability per sampled client."""
-  m = run.clients_per_round or num_sites
+  m = run.clients_per_round or (max(1, round(run.client_fraction * num_sites))
+                                if run.client_fraction > 0 else num_sites)
   rng = _rng(run.seed, 1, round_index)
   idx = np.sort(rng.choice(num_sites, size=m, replace=False)) if m < num_sites \
       else np.arange(num_sites)
@@ -104,14 +106,18 @@ class Federation:
                site_ranks: list[int] | None = None, mode: str = "vmap", gamma: float = 0.0,
                temperature: float = 1.0, keep_optimizer_state: bool = False,
                workdir: str | None = None, log: Callable[[str], None] = print,
-               place: Callable | None = None):
+               place: Callable | None = None,
+               hooks: list[Callable[["Federation", int], dict]] = ()):
     self.graphdef, self.base, self.model_config = graphdef, base, model_config
     self.sites, self.algorithm, self.aggregator, self.run = sites, algorithm, aggregator, run
     self.log, self.workdir = log, Path(workdir) if workdir else None
+    self.hooks = list(hooks)  # called every eval_every rounds; their dicts join the metrics
     self.place = place or (lambda tree, client_axis: tree)
     n = len(sites)
     if run.clients_per_round > n:
       raise ConfigError(f"clients_per_round={run.clients_per_round} but only {n} sites")
+    if not 0.0 <= run.client_fraction <= 1.0:
+      raise ConfigError(f"client_fraction must be in [0, 1], got {run.client_fraction}")
     if not 0.0 < run.availability <= 1.0:
       raise ConfigError(f"availability must be in (0, 1], got {run.availability}")
     if site_ranks and not algorithm.hetero_ranks:
@@ -228,8 +234,12 @@ class Federation:
     self.state = {**core, "sites": sites, "round": jnp.int32(r)}
     metrics = jax.device_get(metrics)
     row = self._summarise(r, idx, present, metrics, uplink_example)
-    if self.val is not None and self.run.eval_every and r % self.run.eval_every == 0:
-      row["val_loss"] = float(self.val_fn(self.effective_base(), self.global_adapters(), self.val))
+    if self.run.eval_every and r % self.run.eval_every == 0:
+      if self.val is not None:
+        row["val_loss"] = float(self.val_fn(self.effective_base(), self.global_adapters(),
+                                            self.val))
+      for hook in self.hooks:
+        row.update(hook(self, r))
     row["seconds"] = time.perf_counter() - t0
     self.history.append(row)
     self.log(self.format_row(row))

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 import configs
 from fedjax_lora import experiment
 from launch import errors
-from models import peft_io
+from models import hf_checkpoint, peft_io
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(configs.__file__).parent / "federate.py"),
@@ -56,6 +56,10 @@ def main(argv):
   out = peft_io.export_adapter(workdir / "adapter", fed.global_adapters()[0],
                                fed.model_config.num_layers, str(workdir / "base_model"))
   print(f"final global adapter (PEFT format): {out}")
+  if fed.algorithm.merge_base:  # FLoRA folds every round's products into the base weights
+    merged = hf_checkpoint.save_params(workdir / "merged_model", fed.model_config,
+                                       jax.device_get(fed.effective_base()))
+    print(f"FLoRA base with the aggregated updates merged in (HF format): {merged}")
 
 
 if __name__ == "__main__":
