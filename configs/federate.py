@@ -35,15 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   c.aggregator = ml_collections.ConfigDict(dict(
       gamma=0.0, temperature=1.0,            # fedmedlora_plus: p ∝ n^gamma exp(-L/T)
-      server_lr=1.0, momentum=0.9,           # fedavgm / fedadam / fedyogi / fedadagrad / scaffold
-      beta1=0.9, beta2=0.99, tau=1e-3,
+      # fedavgm / fedadam / fedyogi / fedadagrad / scaffold. server_lr 0 = the aggregator's
+      # own default (1.0 for fedavgm and scaffold, 0.1 for the adaptive ones, as in Flower)
+      server_lr=0.0, momentum=0.9, beta1=0.9, beta2=0.99, tau=1e-3,
       trim=0.1, max_norm=1.0,                # trimmed_mean, norm_clip
   ))
   c.run = ml_collections.ConfigDict(dict(
       rounds=4, epochs=1, batch_size=4, accumulation=1, clients_per_round=0, client_fraction=0.0,
       availability=1.0,
       seed=0, val_examples_per_site=8, val_chunk=8, eval_every=1, keep_last=3,
-      best_metric="val_loss",
+      best_metric="val_loss", best_mode="min",
   ))
   c.mode = "vmap"              # "vmap" (all clients at once) or "sequential" (lax.map)
   c.mesh = ml_collections.ConfigDict(dict(clients=0, fsdp=1))  # 0 = as many as divide evenly

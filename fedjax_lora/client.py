@@ -38,7 +38,7 @@ class ClientConfig:
   grad_clip: float = 1.0             # global-norm clip; 0 disables
   train_factors: tuple[str, ...] = ("a", "b")  # ffa_lora trains only ("b",)
   prox_mu: float = 0.0               # FedProx proximal term
-  scaffold: bool = False             # add (c - c_k) to every gradient
+  scaffold: bool = False             # add (c - c_k) to every (Adam) update direction
 
   def __post_init__(self):
     if self.schedule not in ("cosine", "constant"):
@@ -100,7 +100,9 @@ def client_update(graphdef, base: dict, trainable: dict, specs: dict[str, LoraSp
   """
   del rng  # dropout is 0 in the paper's setting; kept in the signature for LoRA dropout
   names = sorted(trainable)
-  trainable = {n: rank_masked(trainable[n], rank_mask) for n in names}
+  # Heterogeneous ranks apply to the shared (global) adapter only.
+  trainable = {n: rank_masked(trainable[n], rank_mask) if n == "global" else trainable[n]
+               for n in names}
   masks = {n: _factor_mask(trainable[n], cfg.train_factors if n == "global" else ("a", "b"))
            for n in names}
   tx = optimizer(cfg)
@@ -125,12 +127,14 @@ def client_update(graphdef, base: dict, trainable: dict, specs: dict[str, LoraSp
     if cfg.prox_mu and anchor is not None:
       grads["global"] = jax.tree.map(lambda g, w, w0: g + cfg.prox_mu * (w - w0),
                                      grads["global"], params["global"], anchor)
-    if cfg.scaffold and control is not None:
-      c, c_k = control
-      grads["global"] = jax.tree.map(lambda g, cs, ck: g + cs - ck, grads["global"], c, c_k)
     grads = jax.tree.map(jnp.multiply, grads, masks)
-    grads = {n: rank_masked(grads[n], rank_mask) for n in names}
+    grads = {n: rank_masked(grads[n], rank_mask) if n == "global" else grads[n] for n in names}
     updates, new_state = tx.update(grads, state, params)
+    if cfg.scaffold and control is not None:
+      # The drift correction joins the Adam direction (not the raw gradient), so it is in
+      # the same units as the controls: (x - y) / sum(lr) is a mean update direction.
+      c, c_k = control
+      updates["global"] = jax.tree.map(lambda u, cs, ck: u + cs - ck, updates["global"], c, c_k)
     lr = learning_rate(cfg, i, total)
     new_params = jax.tree.map(lambda p, u, m: p - lr * u * m, params, updates, masks)
     keep = lambda new, old: jnp.where(active, new, old)
@@ -151,7 +155,11 @@ def client_update(graphdef, base: dict, trainable: dict, specs: dict[str, LoraSp
 
 
 def scaffold_control(c, c_k, global_params, client_params, lr_sum):
-  """SCAFFOLD option II: c_k+ = c_k - c + (x - y_k) / (K * eta), with K*eta = sum of step lrs."""
+  """SCAFFOLD option II: c_k+ = c_k - c + (x - y_k) / (K * eta), with K*eta = sum of step lrs.
+
+  With the correction applied to the update direction, this is the client's mean Adam
+  direction over the round, the quantity the controls estimate.
+  """
   scale = 1.0 / jnp.maximum(lr_sum, 1e-12)
   return jax.tree.map(lambda cs, ck, x, y: ck - cs + (x - y) * scale, c, c_k, global_params,
                       client_params)

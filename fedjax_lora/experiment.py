@@ -24,7 +24,8 @@ from models import hf_checkpoint, llama
 from models.config import LlamaConfig
 from models.lora import LoraSpec
 
-# Which config.aggregator fields each aggregator takes.
+BEST_METRICS = ("val_loss", "mean_train_loss")
+# Which config.aggregator fields each aggregator takes (server_lr 0: the aggregator's default).
 AGGREGATOR_OPTIONS = {
     "fedavgm": ("server_lr", "momentum"),
     "fedadam": ("server_lr", "beta1", "beta2", "tau"),
@@ -49,11 +50,36 @@ def check_config(config) -> None:
     raise ConfigError(f"config.algorithm={config.algorithm} weights clients by their server "
                       "validation loss: config.run.val_examples_per_site must be >= 1")
   ranks = tuple(config.lora.site_ranks or ())
-  if ranks and len(set(ranks)) > 1 and not alg.hetero_ranks:
-    raise ConfigError(f"config.lora.site_ranks={ranks} differ, but {config.algorithm} averages "
-                      "factors of one shape; use flora, flexlora or hetlora")
+  if ranks and not alg.hetero_ranks and set(ranks) != {config.lora.rank}:
+    raise ConfigError(f"config.lora.site_ranks={ranks} differ from config.lora.rank="
+                      f"{config.lora.rank}, but {config.algorithm} averages factors of one "
+                      "shape; use flora, flexlora or hetlora, or drop site_ranks")
+  if ranks and alg.hetero_ranks and max(ranks) != config.lora.rank:
+    raise ConfigError(f"config.lora.rank={config.lora.rank} must equal the largest of "
+                      f"config.lora.site_ranks={ranks} (the global rank)")
   if config.mode not in ("vmap", "sequential"):
     raise ConfigError(f"config.mode must be 'vmap' or 'sequential', got {config.mode!r}")
+  if run.clients_per_round < 0 or not 0.0 <= run.client_fraction <= 1.0:
+    raise ConfigError("config.run.clients_per_round must be >= 0 and client_fraction in [0, 1]")
+  if not 0.0 < run.availability <= 1.0:
+    raise ConfigError(f"config.run.availability must be in (0, 1], got {run.availability}")
+  if run.keep_last < 1:
+    raise ConfigError(f"config.run.keep_last must be >= 1, got {run.keep_last}")
+  if run.best_metric and run.best_metric not in BEST_METRICS:
+    raise ConfigError(f"config.run.best_metric must be one of {BEST_METRICS} or '' (none), "
+                      f"got {run.best_metric!r}")
+  if run.best_mode not in ("min", "max"):
+    raise ConfigError(f"config.run.best_mode must be 'min' or 'max', got {run.best_mode!r}")
+  part = config.data.get("partition", {}) or {}
+  if part.get("kind", "natural") == "natural":
+    n_sites = sum(1 for s in config.data.sites.values() if s.get("role", "train") == "train")
+  else:
+    n_sites = int(part.get("num_sites", 0))
+  if run.clients_per_round > n_sites:
+    raise ConfigError(f"config.run.clients_per_round={run.clients_per_round} but the data "
+                      f"config has only {n_sites} training sites")
+  if ranks and len(ranks) != n_sites:
+    raise ConfigError(f"config.lora.site_ranks has {len(ranks)} entries for {n_sites} sites")
 
 
 def _model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
@@ -85,7 +111,8 @@ def _model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
 
 def _aggregator(config) -> agg_lib.Aggregator:
   name = get_algorithm(config.algorithm).aggregator
-  options = {k: config.aggregator[k] for k in AGGREGATOR_OPTIONS.get(name, ())}
+  options = {k: config.aggregator[k] for k in AGGREGATOR_OPTIONS.get(name, ())
+             if k != "server_lr" or config.aggregator[k] > 0}
   return agg_lib.get_aggregator(name, **options)
 
 
@@ -103,8 +130,8 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   model_cfg, graphdef, base = _model(config, len(tokenizer), workdir, tokenizer, log)
   lc = config.lora
   layers = tuple(lc.layers) or None
-  ranks = list(lc.site_ranks or ())
-  rank = max(ranks) if ranks else lc.rank
+  ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
+  rank = lc.rank
   try:
     spec = LoraSpec(rank=rank, alpha=lc.alpha, targets=lc.targets, layers=layers)
     local_spec = (LoraSpec(rank=lc.local_rank, alpha=lc.local_alpha, targets=lc.targets,
@@ -122,8 +149,12 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
     raise ConfigError(str(e)) from None
   run = RunConfig(**config.run.to_dict())
   if mesh is None:
-    mesh = mesh_lib.make_mesh(config.mesh.clients, config.mesh.fsdp,
-                              num_clients=run.clients_per_round or len(sites))
+    m = run.clients_per_round or (max(1, round(run.client_fraction * len(sites)))
+                                  if run.client_fraction else len(sites))
+    try:
+      mesh = mesh_lib.make_mesh(config.mesh.clients, config.mesh.fsdp, num_clients=m)
+    except ValueError as e:
+      raise ConfigError(f"config.mesh: {e}") from None
   base = mesh_lib.shard_base(base, mesh)
   log(f"{len(sites)} training sites ({', '.join(train_sites)}); algorithm {config.algorithm}; "
       f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")

@@ -53,6 +53,7 @@ class RunConfig:
   eval_every: int = 1
   keep_last: int = 3
   best_metric: str = "val_loss"
+  best_mode: str = "min"
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -139,6 +140,11 @@ class Federation:
                           "val_examples_per_site > 0")
       self.val = jax.tree.map(jnp.asarray, server_validation_set(
           sites, run.val_examples_per_site, run.val_chunk, self.length))
+    self.site_val = None
+    if (algorithm.local_adapter or algorithm.personal_factors) and run.val_examples_per_site:
+      # Personalised models are scored per site on that site's own validation examples.
+      self.site_val = [jax.tree.map(jnp.asarray, server_validation_set(
+          [s], run.val_examples_per_site, run.val_chunk, self.length)) for s in sites]
     self.token_counts = np.array([s.train.token_count for s in sites], np.float32)
     self.rank_masks = None
     if site_ranks:
@@ -155,8 +161,8 @@ class Federation:
     self.checkpointer = None
     if self.workdir is not None:
       self.checkpointer = checkpointing.RoundCheckpointer(
-          self.workdir / "checkpoints", keep_last=run.keep_last, best_metric=run.best_metric,
-          best_mode="min")
+          self.workdir / "checkpoints", keep_last=run.keep_last,
+          best_metric=run.best_metric or None, best_mode=run.best_mode)
 
   # ---- state -------------------------------------------------------------------------------
   def initial_state(self) -> dict:
@@ -200,6 +206,20 @@ class Federation:
                 for t, ab in params.items()}
     return [LoraAdapter(params, self.spec.global_spec)]
 
+  def site_adapters(self, k: int) -> list[LoraAdapter]:
+    """Site k's own model: global + its local adapter (dual_lora) or its own B (fedsa_lora)."""
+    params = self.state["global"]
+    sites = self.state["sites"]
+    if self.algorithm.personal_factors:
+      own = jax.tree.map(lambda x: x[k], sites["personal"])
+      params = {t: {f: own[t][f] if f in own[t] else ab[f] for f in ab}
+                for t, ab in params.items()}
+    adapters = [LoraAdapter(params, self.spec.global_spec)]
+    if self.algorithm.local_adapter:
+      adapters.append(LoraAdapter(jax.tree.map(lambda x: x[k], sites["local"]),
+                                  self.spec.local_spec))
+    return adapters
+
   # ---- rounds ------------------------------------------------------------------------------
   def _round_inputs(self, r: int):
     idx, present = sample_clients(len(self.sites), self.run, r)
@@ -238,23 +258,58 @@ class Federation:
       if self.val is not None:
         row["val_loss"] = float(self.val_fn(self.effective_base(), self.global_adapters(),
                                             self.val))
+      if self.site_val is not None:
+        row["site_val_loss"] = {
+            s.name: float(self.val_fn(self.effective_base(), self.site_adapters(k),
+                                      self.site_val[k]))
+            for k, s in enumerate(self.sites)}
       for hook in self.hooks:
         row.update(hook(self, r))
     row["seconds"] = time.perf_counter() - t0
     self.history.append(row)
     self.log(self.format_row(row))
+    if self.workdir is not None:
+      with open(self.workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(_jsonable(row)) + "\n")
     if self.checkpointer is not None:
       self.checkpointer.save(r, self.checkpoint_state(), _jsonable(row))
     return row
 
+  def _traffic(self, idx, present, shapes) -> dict:
+    """What each client really sends and receives this round, by algorithm.
+
+    Uplink: the factors the aggregator takes, at the client's own rank. Downlink: the new
+    global factors the client uses (A only for fedsa_lora; plus the server control for
+    SCAFFOLD; FLoRA's stacked factors of total rank sum(r_k))."""
+    alg, sends = self.algorithm, self.aggregator.sends
+    ranks = ([int(self.rank_masks[k].sum()) for k in idx] if self.rank_masks is not None
+             else [self.spec.global_spec.rank] * len(idx))
+
+    def at_rank(tree, r, factors):
+      out = {}
+      for t, ab in tree.items():
+        out[t] = {}
+        for f in factors:
+          shape = list(ab[f].shape)
+          shape[-1 if f == "a" else -2] = r
+          out[t][f] = jax.ShapeDtypeStruct(tuple(shape), ab[f].dtype)
+      return out
+
+    up = [at_rank(shapes, r, sends) for r in ranks]
+    down_factors = ("a",) if alg.personal_factors else ("a", "b")
+    if alg.merge_base:
+      stacked = sum(r for r, p in zip(ranks, present) if p)
+      down = [at_rank(shapes, stacked, ("a", "b")) for _ in ranks]
+    else:
+      down = [at_rank(shapes, r, down_factors) for r in ranks]
+    if alg.scaffold:
+      down = [{"model": d, "control": d} for d in down]
+    return comm.round_comm(up, down, np.asarray(present), self.full_model_bytes,
+                           uplink_multiplier=2 if alg.scaffold else 1)
+
   def _summarise(self, r, idx, present, metrics, uplink_example) -> dict:
     names = [self.sites[k].name for k in idx]
-    sends = self.aggregator.sends
-    up = {t: {f: ab[f] for f in sends if f in ab} for t, ab in uplink_example.items()}
-    per_client = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(idx),) + x.shape, x.dtype), up)
-    traffic = comm.round_comm(per_client,
-                              self.state["global"], np.asarray(present), self.full_model_bytes,
-                              uplink_multiplier=2 if self.algorithm.scaffold else 1)
+    traffic = self._traffic(idx, present, uplink_example)
     row = {"round": r, "clients": names, "present": [bool(p) for p in present],
            "train_loss": {n: float(v) for n, v, p in zip(names, metrics["client_train_loss"],
                                                           present) if p},

@@ -9,7 +9,6 @@ weights, bytes sent, seconds); writes Orbax checkpoints of every round, metrics.
 at the end, the global adapter in PEFT format (workdir/adapter).
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -49,10 +48,7 @@ def main(argv):
     raise app.UsageError(f"{workdir} already holds checkpoints; pass --resume to continue or use "
                          "a fresh --workdir")
   (workdir / "config.json").write_text(_CONFIG.value.to_json_best_effort(indent=1))
-  history = fed.run_rounds()
-  with open(workdir / "metrics.jsonl", "a") as f:
-    for row in history:
-      f.write(json.dumps(row, default=float) + "\n")
+  fed.run_rounds()  # appends one line per round to workdir/metrics.jsonl as it goes
   out = peft_io.export_adapter(workdir / "adapter", fed.global_adapters()[0],
                                fed.model_config.num_layers, str(workdir / "base_model"))
   print(f"final global adapter (PEFT format): {out}")
