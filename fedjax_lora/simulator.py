@@ -156,7 +156,8 @@ class Federation:
     self.val_fn = jax.jit(lambda base, adapters, val: validation_loss(graphdef, base, adapters,
                                                                        val))
     self.full_model_bytes = comm.model_bytes(base)
-    self.state = self.initial_state()
+    # Placed on the mesh like the round's outputs, so round 2 reuses round 1's executable.
+    self.state = self.place(self.initial_state(), False)
     self.history: list[dict] = []
     self.checkpointer = None
     if self.workdir is not None:
@@ -345,7 +346,7 @@ class Federation:
     if self.checkpointer is None or self.checkpointer.latest_round() is None:
       return 0
     restored, _ = self.checkpointer.restore(target=self.checkpoint_state())
-    self.state = dict(restored)
+    self.state = self.place(dict(restored), False)
     self.log(f"resumed from round {int(self.state['round'])}")
     return int(self.state["round"])
 

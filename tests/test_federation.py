@@ -195,6 +195,7 @@ def test_sampling_and_availability_are_seeded(data):
   assert [(r["clients"], r["present"]) for r in fed.history] == \
       [(r["clients"], r["present"]) for r in again.history]
   assert all(len(r["clients"]) == 2 for r in fed.history)
+  assert fed.round_fn._cache_size() == 1, "rounds must reuse one compiled program"
   for r in fed.history:  # absent clients get no weight and send nothing
     assert set(r["weights"]) == {c for c, p in zip(r["clients"], r["present"]) if p}
 
