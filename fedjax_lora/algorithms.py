@@ -44,6 +44,16 @@ ALGORITHMS = {
 }
 
 
+def select_factors(params: dict, factors) -> dict:
+  """{target: {factor: ...}} restricted to `factors` (e.g. the B that fedsa_lora keeps local)."""
+  return {t: {f: ab[f] for f in factors if f in ab} for t, ab in params.items()}
+
+
+def overlay_factors(params: dict, override: dict) -> dict:
+  """`params` with the factors present in `override` replaced (a site's own B on the global)."""
+  return {t: {f: override[t].get(f, ab[f]) for f in ab} for t, ab in params.items()}
+
+
 def get_algorithm(name: str) -> Algorithm:
   if name not in ALGORITHMS:
     raise ValueError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(ALGORITHMS))}")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lora import aggregators as agg_lib
-from fedjax_lora.algorithms import Algorithm
+from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, client_update, scaffold_control
 from fedjax_lora.losses import causal_lm_loss
 from models import llama
@@ -104,9 +104,7 @@ def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, 
 
   per_client_global = jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), global_params)
   if alg.personal_factors:  # fedsa_lora: each site trains with its own B
-    personal = _take(sites["personal"], idx)
-    per_client_global = {t: {f: personal[t][f] if f in alg.personal_factors else ab[f]
-                             for f in ab} for t, ab in per_client_global.items()}
+    per_client_global = overlay_factors(per_client_global, _take(sites["personal"], idx))
   trainable = {"global": per_client_global}
   specs = {"global": spec.global_spec}
   if alg.local_adapter:
@@ -162,8 +160,7 @@ def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, 
 
   new_sites = dict(sites)
   if alg.personal_factors:
-    kept = {t: {f: trained["global"][t][f] for f in alg.personal_factors}
-            for t in trained["global"]}
+    kept = select_factors(trained["global"], alg.personal_factors)
     new_sites["personal"] = _scatter(sites["personal"], idx, kept, present)
   if alg.local_adapter:
     new_sites["local"] = _scatter(sites["local"], idx, trained["local"], present)

@@ -7,6 +7,7 @@ of round t continues exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -19,8 +20,8 @@ import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import batching, checkpointing, comm
-from fedjax_lora.algorithms import Algorithm
-from fedjax_lora.client import ClientConfig
+from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
+from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
 from fedjax_lora.rounds import RoundSpec, base_with_delta, compile_round, validation_loss
 from models import llama, lora
@@ -176,17 +177,17 @@ class Federation:
     stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * n), tree)
     sites = {}
     if self.algorithm.personal_factors:
-      sites["personal"] = stack({t: {f: ab[f] for f in self.algorithm.personal_factors}
-                                 for t, ab in global_params.items()})
-    if self.algorithm.local_adapter:
-      sites["local"] = stack(lora.init_adapter(cfg, spec.local_spec, l_key).params)
+      sites["personal"] = stack(select_factors(global_params, self.algorithm.personal_factors))
+    local_params = (lora.init_adapter(cfg, spec.local_spec, l_key).params
+                    if self.algorithm.local_adapter else None)
+    if local_params is not None:
+      sites["local"] = stack(local_params)
     if self.algorithm.scaffold:
       sites["control"] = stack(jax.tree.map(jnp.zeros_like, global_params))
     if spec.keep_optimizer_state:
-      from fedjax_lora.client import optimizer
       trainable = {"global": global_params}
-      if self.algorithm.local_adapter:
-        trainable["local"] = lora.init_adapter(cfg, spec.local_spec, l_key).params
+      if local_params is not None:
+        trainable["local"] = local_params
       sites["opt"] = stack(optimizer(spec.client).init(trainable))
     return {"global": global_params, "server": self.aggregator.init(global_params),
             "sites": sites, "round": jnp.int32(0)}
@@ -203,8 +204,7 @@ class Federation:
     if self.algorithm.personal_factors:
       w = jnp.asarray(self.token_counts / self.token_counts.sum())
       mean = jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), self.state["sites"]["personal"])
-      params = {t: {f: mean[t][f] if f in mean[t] else ab[f] for f in ab}
-                for t, ab in params.items()}
+      params = overlay_factors(params, mean)
     return [LoraAdapter(params, self.spec.global_spec)]
 
   def site_adapters(self, k: int) -> list[LoraAdapter]:
@@ -212,9 +212,7 @@ class Federation:
     params = self.state["global"]
     sites = self.state["sites"]
     if self.algorithm.personal_factors:
-      own = jax.tree.map(lambda x: x[k], sites["personal"])
-      params = {t: {f: own[t][f] if f in own[t] else ab[f] for f in ab}
-                for t, ab in params.items()}
+      params = overlay_factors(params, jax.tree.map(lambda x: x[k], sites["personal"]))
     adapters = [LoraAdapter(params, self.spec.global_spec)]
     if self.algorithm.local_adapter:
       adapters.append(LoraAdapter(jax.tree.map(lambda x: x[k], sites["local"]),
@@ -227,13 +225,14 @@ class Federation:
     rngs = [_rng(self.run.seed, 2, r, int(k)) for k in idx]
     batches, step_mask = batching.round_batches(
         [self.sites[k].train for k in idx], self.run.batch_size, self.run.accumulation,
-        self.run.epochs, rngs, self.length, self.max_steps())
+        self.run.epochs, rngs, self.length, self.max_steps)
     keys = jax.random.split(jax.random.fold_in(jax.random.key(self.run.seed), r), len(idx))
     rank = None if self.rank_masks is None else self.rank_masks[idx]
     return idx, present, batches, step_mask, keys, rank
 
+  @functools.cached_property
   def max_steps(self) -> int:
-    from fedjax_lora.client import steps_per_round
+    """Every round pads clients to the largest site's step count: one compiled shape."""
     return max(steps_per_round(len(s.train), self.run.batch_size, self.run.accumulation,
                                self.run.epochs) for s in self.sites)
 

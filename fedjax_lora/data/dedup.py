@@ -9,6 +9,7 @@ to running text ("(HNF)-6"); short sentences are ignored so boilerplate such as
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Iterable
 
@@ -36,17 +37,28 @@ def pmid(doc: Document) -> str | None:
   return str(value) if value else None
 
 
-def overlapping(docs: Iterable[Document], others: Iterable[Document],
+@dataclasses.dataclass(frozen=True)
+class CorpusIndex:
+  """A corpus's PMIDs and sentence keys, built once and matched against many splits."""
+  pmids: frozenset
+  sentences: frozenset
+
+
+def index(docs: Iterable[Document], min_chars: int = MIN_SENTENCE_CHARS) -> CorpusIndex:
+  docs = list(docs)
+  return CorpusIndex(frozenset(p for d in docs if (p := pmid(d))),
+                     frozenset().union(*(sentence_keys(d, min_chars) for d in docs)))
+
+
+def overlapping(docs: Iterable[Document], others: Iterable[Document] | CorpusIndex,
                 min_chars: int = MIN_SENTENCE_CHARS) -> dict[str, str]:
-  """Ids of `docs` that also occur in `others`, mapped to the reason ("pmid 123", "text")."""
-  docs, others = list(docs), list(others)
-  other_pmids = {p for d in others if (p := pmid(d))}
-  other_text = set().union(*(sentence_keys(d, min_chars) for d in others)) if others else set()
+  """Ids of `docs` that also occur in `others` (documents or their index) -> the reason."""
+  other = others if isinstance(others, CorpusIndex) else index(others, min_chars)
   found = {}
   for d in docs:
     p = pmid(d)
-    if p is not None and p in other_pmids:
+    if p is not None and p in other.pmids:
       found[d.id] = f"pmid {p}"
-    elif sentence_keys(d, min_chars) & other_text:
+    elif sentence_keys(d, min_chars) & other.sentences:
       found[d.id] = "shared sentence text"
   return found

@@ -33,7 +33,7 @@ def resolve_tokenizer(spec: str, out_dir: str | os.PathLike | None, train_texts=
   """"byte", "llama2" (shared/models/raw), "bpe:<vocab>" (trained on train_texts) or a dir."""
   from models.tokenizer import build_byte_tokenizer, load_tokenizer
 
-  if spec in ("byte",) or spec.startswith("bpe:"):
+  if spec == "byte" or spec.startswith("bpe:"):
     if out_dir:
       tok_dir = Path(out_dir) / "tokenizer"
     else:  # nothing to keep: a throwaway directory, as `save_pretrained` needs one

@@ -125,18 +125,18 @@ def _window_budget(spec: SourceSpec, docs: Sequence[Document], labels, max_lengt
   return budget
 
 
-def _twins(docs: Sequence[Document], others: Mapping[str, list[Document]], own: str):
+def _twins(docs: Sequence[Document], others: Mapping[str, dedup.CorpusIndex], own: str):
   """Document id -> "<corpus> (<key>)" for docs that also occur in another corpus."""
   twins = {}
-  for other_name, other_docs in others.items():
+  for other_name, other_index in others.items():
     if other_name != own:
-      for doc_id, why in dedup.overlapping(docs, other_docs).items():
+      for doc_id, why in dedup.overlapping(docs, other_index).items():
         twins.setdefault(doc_id, f"{other_name} ({why.split()[0]})")
   return twins
 
 
 def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
-             others: Mapping[str, list[Document]], external: Mapping[str, list[Document]],
+             others: Mapping[str, dedup.CorpusIndex], external: Mapping[str, dedup.CorpusIndex],
              max_length: int, count: windows.TokenCounter) -> _Prepared:
   """Reads, deduplicates and windows one source.
 
@@ -211,14 +211,15 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
       if (spec.corpus, corpus_split) not in corpora:
         log(f"reading {spec.corpus}/{corpus_split}")
         corpora[(spec.corpus, corpus_split)] = load_corpus(spec.corpus, corpus_split, seed=seed)
-  everything = collections.defaultdict(list)
+  by_corpus = collections.defaultdict(list)
   for (name, _), corpus in corpora.items():
-    everything[name].extend(corpus.documents)
-  external = {s.corpus: everything[s.corpus] for s in specs if s.role == "external"}
+    by_corpus[name].extend(corpus.documents)
+  indexes = {name: dedup.index(docs) for name, docs in by_corpus.items()}  # built once
+  external = {s.corpus: indexes[s.corpus] for s in specs if s.role == "external"}
   prepared = {}
   for spec in specs:
     log(f"windowing {spec.name}")
-    prepared[spec.name] = _prepare(spec, corpora, everything, external, max_length,
+    prepared[spec.name] = _prepare(spec, corpora, indexes, external, max_length,
                                    count_tokens)
 
   part = config.get("partition", None) or {}
