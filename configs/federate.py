@@ -49,4 +49,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.mode = "vmap"              # "vmap" (all clients at once) or "sequential" (lax.map)
   c.mesh = ml_collections.ConfigDict(dict(clients=0, fsdp=1))  # 0 = as many as divide evenly
   c.keep_optimizer_state = False  # the paper starts a fresh AdamW state every round
+  c.eval = eval_config()
   return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """Generation-based evaluation (launch.evaluate; the per-round hook of launch.federate)."""
+  return ml_collections.ConfigDict(dict(
+      # Per-round hook: F1 on this many test examples per training site and task, every
+      # run.eval_every rounds (0: off). Monitoring only; nothing is selected on it.
+      round_examples_per_task=2,
+      # launch.evaluate: settings to run, federated algorithms, test examples per site and
+      # task (0: the whole test split).
+      settings=("zero_shot", "single_site", "centralized", "federated", "new_site"),
+      algorithms=("fedavg", "fedmedlora_plus"),
+      max_examples_per_task=16,
+      # New-site adaptation: k training examples of the new site (-1: all), starting from
+      # the federated adapter of `adapt_from` ("" = the first algorithm) or from scratch,
+      # for `adapt_rounds` rounds of run.epochs (0: run.rounds, the federated budget).
+      adapt_k=(0, 10, 50, -1), adapt_from="", adapt_rounds=0,
+      # Decoding: prompts per compiled batch; new-token budget per answer =
+      # min(max_new_tokens, factor x input tokens + margin), bucketed to a power of two.
+      batch_size=16, max_new_tokens=512, new_tokens_factor=2.0, new_tokens_margin=16,
+      temperature=0.0, seed=0,   # temperature 0 = greedy (the paper)
+  ))

@@ -82,7 +82,9 @@ def check_config(config) -> None:
     raise ConfigError(f"config.lora.site_ranks has {len(ranks)} entries for {n_sites} sites")
 
 
-def _model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
+def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
+  """(LlamaConfig, graphdef, base): config.model.path, or a tiny random LLaMA (saved to
+  workdir/base_model so exported adapters have a base to load onto)."""
   m = config.model
   dtype = m.dtype
   if dtype not in ("float32", "bfloat16"):
@@ -117,17 +119,26 @@ def _aggregator(config) -> agg_lib.Aggregator:
 
 
 def build(config, workdir: str | None = None, log: Callable[[str], None] = print,
-          mesh=None, data: prepare.PreparedData | None = None) -> Federation:
-  """A Federation for `config`; `data` reuses already prepared sites (tests, sweeps)."""
+          mesh=None, data: prepare.PreparedData | None = None, model=None,
+          sites: list[SiteData] | None = None, hooks=()) -> Federation:
+  """A Federation for `config`.
+
+  `data` reuses already prepared sites (tests, sweeps); `model` = (LlamaConfig, graphdef,
+  base) reuses a loaded base; `sites` replaces the data's training sites (evaluation
+  baselines: one site alone, or all of them pooled); `hooks` run every eval_every rounds.
+  """
   check_config(config)
   workdir = Path(workdir) if workdir else None
   alg = get_algorithm(config.algorithm)
   if data is None:
     data = prepare.prepare(config.data, workdir / "data" if workdir else None, log=log)
   tokenizer = data.tokenizer
-  train_sites = [n for n, s in data.sites.items() if s.role == "train"]
-  sites = [SiteData(n, data.arrays[n]["train"], data.arrays[n].get("dev")) for n in train_sites]
-  model_cfg, graphdef, base = _model(config, len(tokenizer), workdir, tokenizer, log)
+  if sites is None:
+    sites = [SiteData(n, data.arrays[n]["train"], data.arrays[n].get("dev"))
+             for n, s in data.sites.items() if s.role == "train"]
+  train_sites = [s.name for s in sites]
+  model_cfg, graphdef, base = model or load_model(config, len(tokenizer), workdir, tokenizer,
+                                                  log)
   lc = config.lora
   layers = tuple(lc.layers) or None
   ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
@@ -158,9 +169,11 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   base = mesh_lib.shard_base(base, mesh)
   log(f"{len(sites)} training sites ({', '.join(train_sites)}); algorithm {config.algorithm}; "
       f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
-  return Federation(graphdef, base, model_cfg, sites, alg, aggregator, client, spec, run,
-                    local_spec=local_spec, site_ranks=ranks or None, mode=config.mode,
-                    gamma=config.aggregator.gamma, temperature=config.aggregator.temperature,
-                    keep_optimizer_state=config.keep_optimizer_state,
-                    workdir=str(workdir) if workdir else None, log=log,
-                    place=mesh_lib.client_placer(mesh))
+  fed = Federation(graphdef, base, model_cfg, sites, alg, aggregator, client, spec, run,
+                   local_spec=local_spec, site_ranks=ranks or None, mode=config.mode,
+                   gamma=config.aggregator.gamma, temperature=config.aggregator.temperature,
+                   keep_optimizer_state=config.keep_optimizer_state,
+                   workdir=str(workdir) if workdir else None, log=log,
+                   place=mesh_lib.client_placer(mesh), hooks=hooks)
+  fed.data = data  # the prepared sites (test examples for evaluation hooks)
+  return fed

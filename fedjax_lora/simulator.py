@@ -192,6 +192,21 @@ class Federation:
     return {"global": global_params, "server": self.aggregator.init(global_params),
             "sites": sites, "round": jnp.int32(0)}
 
+  def set_global(self, params) -> None:
+    """Starts from `params` (e.g. a federated adapter to adapt at a new site) instead of
+    the random init; the aggregator state restarts from it. Only before the first round."""
+    if int(self.state["round"]) != 0:
+      raise ValueError("set_global is only allowed before the first round")
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), self.state["global"])
+    given = jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    if shapes != given:
+      raise ValueError("the starting adapter does not match this federation's adapter "
+                       "(targets, layers, rank or dtype differ)")
+    state = dict(self.state)
+    state["global"] = params
+    state["server"] = self.aggregator.init(params)
+    self.state = self.place(jax.tree.map(jnp.asarray, state), False)
+
   def effective_base(self):
     if self.algorithm.merge_base:
       return base_with_delta(self.base, self.state["server"].get("base_delta", {}),

@@ -5,8 +5,10 @@ r"""Federated LoRA fine-tuning: all clients of a round in one compiled program.
   python -m launch.federate --workdir=DIR --resume                       # continue the last run
 
 Prints one line per round (clients, train loss, server validation loss, aggregation
-weights, bytes sent, seconds); writes Orbax checkpoints of every round, metrics.jsonl and,
-at the end, the global adapter in PEFT format (workdir/adapter).
+weights, bytes sent, seconds) and, every run.eval_every rounds, F1 on a few test examples
+per site (config.eval.round_examples_per_task; 0 turns it off); writes Orbax checkpoints
+of every round, metrics.jsonl, per-round plots (workdir/plots) and, at the end, the
+global adapter in PEFT format (workdir/adapter).
 """
 
 import sys
@@ -18,6 +20,9 @@ from ml_collections import config_flags
 
 import configs
 from fedjax_lora import experiment
+from fedjax_lora.eval import hooks, plots, settings
+from fedjax_lora.eval.decoding import Decoder
+from fedjax_lora.eval.evaluator import eval_sets
 from launch import errors
 from models import hf_checkpoint, peft_io
 
@@ -41,14 +46,27 @@ def main(argv):
   log = lambda s: print(s, file=sys.stderr, flush=True)
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)
-  fed = experiment.build(_CONFIG.value, workdir, log=log)
+  config = _CONFIG.value
+  fed = experiment.build(config, workdir, log=log)
+  ev = config.eval
+  if ev.round_examples_per_task:
+    data = fed.data
+    sets = {n: eval_sets(n, data.sites[n].examples["test"], ev.round_examples_per_task)
+            for n in (s.name for s in fed.sites) if data.sites[n].examples.get("test")}
+    decoder = Decoder(fed.model_config, fed.graphdef, data.tokenizer,
+                      settings.decode_config(ev), log=log)
+    fed.hooks.append(hooks.round_eval_hook(decoder, sets, config.run.val_examples_per_site,
+                                           config.run.val_chunk))
   if _RESUME.value:
     fed.resume()
   elif fed.checkpointer is not None and fed.checkpointer.latest_round() is not None:
     raise app.UsageError(f"{workdir} already holds checkpoints; pass --resume to continue or use "
                          "a fresh --workdir")
-  (workdir / "config.json").write_text(_CONFIG.value.to_json_best_effort(indent=1))
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
   fed.run_rounds()  # appends one line per round to workdir/metrics.jsonl as it goes
+  written = plots.plot_workdir(workdir, config.algorithm)
+  if written:
+    print(f"per-round plots: {', '.join(str(p) for p in written)}")
   out = peft_io.export_adapter(workdir / "adapter", fed.global_adapters()[0],
                                fed.model_config.num_layers, str(workdir / "base_model"))
   print(f"final global adapter (PEFT format): {out}")

@@ -1,8 +1,10 @@
-"""Jitted KV-cache decoding over a left-padded batch of prompts.
+"""Jitted KV-cache decoding over a padded batch of prompts.
 
-Left padding puts every prompt's last token in the same column, so one prefill and
-one decode step per new token serve the whole batch. Prompt lengths are bucketed so a
-handful of compiled programs cover all inputs.
+Prompts may be left- or right-padded: the cache keeps a validity bit per slot and RoPE
+positions count real tokens, so padding slots are invisible either way and each row's
+first new token is read at its own last real token. Left padding wastes no cache slots
+between prompt and answer and is the default. Prompt lengths are bucketed so a handful
+of compiled programs cover all inputs.
 """
 
 from __future__ import annotations
@@ -41,10 +43,19 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None
   return tokens, mask
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+  """(tokens [B, length], mask [B, length]) with real tokens flush left."""
+  tokens, mask = left_pad(sequences, pad_id, length)
+  for i, s in enumerate(sequences):
+    tokens[i] = np.roll(tokens[i], len(s))
+    mask[i] = np.roll(mask[i], len(s))
+  return tokens, mask
+
+
 def generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens: int,
              eos_ids: Sequence[int] = (), sample: bool = False, temperature=1.0, rng=None,
              pad_id: int = 0):
-  """Greedy (or temperature-sampled) continuation of left-padded prompts.
+  """Greedy (or temperature-sampled) continuation of left- or right-padded prompts.
 
   Returns (new_tokens [B, max_new_tokens] padded with `pad_id` after EOS, lengths [B]
   counting the EOS token when one was produced). Stops early once every row is done.
@@ -76,8 +87,10 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
       return jax.random.categorical(key, last_logits / temperature, axis=-1).astype(jnp.int32)
     return jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
 
+  # Each row's last real prompt token (column P-1 under left padding).
+  last_real = jnp.max(jnp.where(prompt_mask.astype(jnp.bool_), jnp.arange(P)[None], 0), axis=1)
   rng, key = jax.random.split(rng)
-  first = choose(logits[:, -1], key)
+  first = choose(logits[jnp.arange(B), last_real], key)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos)
   lengths = jnp.ones((B,), jnp.int32)

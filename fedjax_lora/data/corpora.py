@@ -53,7 +53,10 @@ def raw_dir() -> Path:
 @functools.lru_cache(maxsize=4)
 def _synthetic(seed: int):
   from fedjax_lora.data import synthetic
-  return synthetic.synthetic_sites(seed=seed)
+  # The three default sites, then three more hospitals in the same styles (`<name>_2`),
+  # which evaluation configs hold out as external or new sites. Sites are generated in
+  # order, so adding later ones never changes the earlier ones.
+  return synthetic.synthetic_sites(num_sites=2 * len(synthetic.DEFAULT_SITES), seed=seed)
 
 
 def load_corpus(name: str, split: str, root: str | os.PathLike | None = None,

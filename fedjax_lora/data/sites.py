@@ -22,7 +22,10 @@ from fedjax_lora.data.corpora import load_corpus
 from fedjax_lora.data.records import Corpus, DataError, Document
 
 SPLITS = ("train", "dev", "test")
-ROLES = ("train", "external")
+# train: a federated site. external: held out, test split only (external validation).
+# new_site: held out of federated training; its train split serves new-site adaptation.
+ROLES = ("train", "external", "new_site")
+HELD_OUT = ("external", "new_site")
 MARKUP_TOKENS_PER_MENTION = 12  # '<span class="X">' + '</span>' in LLaMA-2 pieces, roughly
 
 
@@ -142,7 +145,7 @@ def _prepare(spec: SourceSpec, corpora: Mapping[tuple[str, str], Corpus],
 
   Dev and test documents that also occur in another corpus of the plan are removed (the
   dev split feeds the server validation set); training documents that occur in an
-  external-validation site are removed too, so the held-out site stays unseen (data.md
+  external-validation or new site are removed too, so the held-out site stays unseen (data.md
   §4.2: BioRED abstracts that are also in NCBI-disease).
   """
   skipped = collections.Counter()
@@ -215,7 +218,7 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
   for (name, _), corpus in corpora.items():
     by_corpus[name].extend(corpus.documents)
   indexes = {name: dedup.index(docs) for name, docs in by_corpus.items()}  # built once
-  external = {s.corpus: indexes[s.corpus] for s in specs if s.role == "external"}
+  external = {s.corpus: indexes[s.corpus] for s in specs if s.role in HELD_OUT}
   prepared = {}
   for spec in specs:
     log(f"windowing {spec.name}")
@@ -265,7 +268,7 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
 def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int):
   """[(site name, role, {split: [(source, corpus document index)]})]."""
   out = []
-  external = [p for p in prepared.values() if p.spec.role == "external"]
+  external = [p for p in prepared.values() if p.spec.role in HELD_OUT]
   training = [p for p in prepared.values() if p.spec.role == "train"]
   if kind == "natural":
     for p in training + external:
@@ -297,6 +300,6 @@ def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int):
       pooled_members[s][split] = [pool[i] for i in idx]
   out += [(f"site{s}", "train", m) for s, m in enumerate(pooled_members)]
   for p in external:
-    out.append((p.spec.name, "external",
+    out.append((p.spec.name, p.spec.role,
                 {s: [(p.spec.name, i) for i in range(len(d))] for s, d in p.docs.items()}))
   return out

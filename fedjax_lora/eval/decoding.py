@@ -1,0 +1,182 @@
+"""Batched generation for evaluation: prompts in, answer texts and throughput out.
+
+Prompts are sorted by length and grouped into fixed-shape batches: the prompt length is
+bucketed to a power of two, the new-token budget too, and a short last batch is filled
+with copies of a real row (whose outputs are thrown away). So the number of compiled
+programs is bounded by (#prompt buckets × #budget buckets), whatever the test set.
+
+The answer copies the input text with tags added, so each prompt's budget is derived from
+its own input length (`new_tokens_factor` × input tokens + `new_tokens_margin`, capped at
+`max_new_tokens`), never from the gold answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import generation
+from models import lora as lora_lib
+
+OUTPUT_END_MARKERS = ("\n### ",)  # a model that starts a new prompt section has finished
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  batch_size: int = 16
+  max_new_tokens: int = 1024
+  new_tokens_factor: float = 2.0
+  new_tokens_margin: int = 16
+  min_new_tokens: int = 16
+  temperature: float = 0.0     # 0: greedy (the paper's setting)
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.max_new_tokens < 1:
+      raise ValueError("batch_size and max_new_tokens must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclasses.dataclass
+class DecodeStats:
+  """Throughput of one `Decoder.generate` call (real rows only; fill rows excluded).
+
+  Batches of a shape this Decoder had not run before include compilation; they count in
+  `seconds` but `tokens_per_second` uses only the other (`warm_*`) batches when any exist.
+  """
+  prompts: int = 0
+  new_tokens: int = 0
+  seconds: float = 0.0
+  warm_tokens: int = 0
+  warm_seconds: float = 0.0
+  batches: int = 0
+  hit_budget: int = 0           # answers cut by their token budget (no EOS)
+  shapes: set = dataclasses.field(default_factory=set)  # (batch, prompt len, budget, adapters)
+
+  @property
+  def tokens_per_second(self) -> float:
+    if self.warm_seconds:
+      return self.warm_tokens / self.warm_seconds
+    return self.new_tokens / self.seconds if self.seconds else 0.0
+
+  def add(self, other: "DecodeStats") -> None:
+    self.prompts += other.prompts
+    self.new_tokens += other.new_tokens
+    self.seconds += other.seconds
+    self.warm_tokens += other.warm_tokens
+    self.warm_seconds += other.warm_seconds
+    self.batches += other.batches
+    self.hit_budget += other.hit_budget
+    self.shapes |= other.shapes
+
+  def to_dict(self) -> dict:
+    return {"prompts": self.prompts, "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1), "batches": self.batches,
+            "hit_budget": self.hit_budget, "distinct_shapes": len(self.shapes)}
+
+
+def clean_output(text: str) -> str:
+  """The answer part of a decoded continuation: up to a new prompt section, stripped."""
+  for marker in OUTPUT_END_MARKERS:
+    cut = text.find(marker)
+    if cut >= 0:
+      text = text[:cut]
+  return text.strip()
+
+
+def budget(n_input_tokens: int, cfg: DecodeConfig) -> int:
+  """Power-of-two new-token budget for an answer that copies n input tokens with tags."""
+  want = math.ceil(cfg.new_tokens_factor * n_input_tokens) + cfg.new_tokens_margin
+  want = max(cfg.min_new_tokens, want)
+  return min(cfg.max_new_tokens, generation.bucket_length(want, minimum=cfg.min_new_tokens))
+
+
+class Decoder:
+  """Greedy/sampled generation for many prompts with one tokenizer and model."""
+
+  def __init__(self, model_config, graphdef, tokenizer, cfg: DecodeConfig = DecodeConfig(),
+               log: Callable[[str], None] | None = None):
+    self.model_config, self.graphdef, self.tokenizer, self.cfg = (
+        model_config, graphdef, tokenizer, cfg)
+    self.log = log
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    self.eos_ids = () if eos is None else (int(eos),)
+    self.total = DecodeStats()
+
+  def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+    """`<s> prompt` exactly as training tokenized the prompt part of `<s> prompt target`."""
+    ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    bos = self.tokenizer.bos_token_id
+    return [([bos] if bos is not None else []) + list(x) for x in ids]
+
+  def _count(self, texts: Sequence[str]) -> list[int]:
+    return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+  def generate(self, base, adapters, prompts: Sequence[str], input_texts: Sequence[str],
+               label: str = "") -> tuple[list[str], DecodeStats]:
+    """Answer texts (cleaned) for `prompts`, in order, and this call's statistics."""
+    if len(prompts) != len(input_texts):
+      raise ValueError(f"{len(prompts)} prompts but {len(input_texts)} input texts")
+    stats = DecodeStats()
+    if not prompts:
+      return [], stats
+    cfg = self.cfg
+    ids = self.encode_prompts(prompts)
+    budgets = [budget(n, cfg) for n in self._count(input_texts)]
+    longest = self.model_config.max_position_embeddings
+    keys = [(generation.bucket_length(len(x)), b) for x, b in zip(ids, budgets)]
+    order = sorted(range(len(ids)), key=lambda i: (keys[i], i))
+    outputs: list[str | None] = [None] * len(ids)
+    n_adapters = len(lora_lib.as_adapter_list(adapters))
+    rng = jax.random.key(cfg.seed)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+      groups.setdefault(keys[i], []).append(i)
+    for (plen, new), members in groups.items():
+      if plen + new > longest:
+        new = max(1, longest - plen)
+      for start in range(0, len(members), cfg.batch_size):
+        rows = members[start:start + cfg.batch_size]
+        filled = rows + [rows[0]] * (cfg.batch_size - len(rows))
+        tokens, mask = generation.left_pad([ids[i] for i in filled], self.pad_id, plen)
+        rng, key = jax.random.split(rng)
+        t0 = time.perf_counter()
+        out, lengths = generation.generate(
+            self.model_config, self.graphdef, base, adapters, jnp.asarray(tokens),
+            jnp.asarray(mask), max_new_tokens=new, eos_ids=self.eos_ids,
+            sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0, rng=key,
+            pad_id=self.pad_id)
+        out, lengths = jax.device_get((out, lengths))
+        seconds = time.perf_counter() - t0
+        shape = (cfg.batch_size, plen, new, n_adapters)
+        warm = shape in self.total.shapes or shape in stats.shapes
+        stats.seconds += seconds
+        stats.batches += 1
+        stats.shapes.add(shape)
+        real_tokens = int(sum(int(lengths[r]) for r in range(len(rows))))
+        if warm:
+          stats.warm_seconds += seconds
+          stats.warm_tokens += real_tokens
+        for r, i in enumerate(rows):
+          n = int(lengths[r])
+          row = np.asarray(out[r, :n]).tolist()
+          ended = bool(row) and row[-1] in self.eos_ids
+          stats.hit_budget += int(not ended)
+          stats.new_tokens += n
+          outputs[i] = clean_output(self.tokenizer.decode(row, skip_special_tokens=True))
+        stats.prompts += len(rows)
+    self.total.add(stats)
+    if self.log:
+      self.log(f"  generated {label + ': ' if label else ''}{stats.prompts} answers, "
+               f"{stats.new_tokens} tokens in {stats.seconds:.1f}s "
+               f"({stats.tokens_per_second:.0f} tok/s, {stats.hit_budget} hit the budget)")
+    return outputs, stats

@@ -1,0 +1,88 @@
+"""Markdown report of an evaluation run: the paper's table layout, one table per task.
+
+Rows are settings (zero-shot, single-site, centralized, each federated algorithm, each
+new-site adaptation), columns are sites × strict/lenient F1 (training sites in-domain,
+then external and new sites), then the micro average over the training sites.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+TASK_TITLES = {"ner": "NER", "re": "RE"}
+
+
+def _f1(result: Mapping[str, Any] | None, site: str, task: str, kind: str) -> str:
+  if not result:
+    return "—"
+  r = result.get("sites", {}).get(site, {}).get(task)
+  return "—" if r is None else f"{100 * r[kind]['f1']:.1f}"
+
+
+def _micro(result: Mapping[str, Any], task: str, kind: str, sites: Sequence[str]) -> str:
+  """Micro F1 (pooled counts) over the training sites this setting was scored on."""
+  rows = [result["sites"][s][task] for s in sites
+          if task in result.get("sites", {}).get(s, {})]
+  if not rows:
+    return "—"
+  tp = sum(r[kind]["tp"] for r in rows)
+  n_pred = sum(r[kind]["n_pred"] for r in rows)
+  n_gold = sum(r[kind]["n_gold"] for r in rows)
+  p = tp / n_pred if n_pred else 0.0
+  rec = tp / n_gold if n_gold else 0.0
+  return f"{100 * (2 * p * rec / (p + rec) if p + rec else 0.0):.1f}"
+
+
+def summary_line(name: str, result: Mapping[str, Any]) -> str:
+  parts = []
+  for task, agg in result.get("aggregate", {}).items():
+    m = agg["micro"]
+    parts.append(f"{TASK_TITLES.get(task, task)} strict {100 * m['strict']['f1']:.1f} / "
+                 f"lenient {100 * m['lenient']['f1']:.1f}")
+  return f"{name}: micro F1 over its sites: " + ("; ".join(parts) or "nothing scored")
+
+
+def markdown(results: Mapping[str, Any], train: Sequence[str], external: Sequence[str],
+             new_sites: Sequence[str]) -> str:
+  settings = results.get("settings", {})
+  sites = list(train) + list(external) + list(new_sites)
+  role = {**{s: "in-domain" for s in train}, **{s: "external" for s in external},
+          **{s: "new site" for s in new_sites}}
+  lines = ["# Evaluation report", "",
+           "F1 in percent, type-collapsed, micro-averaged per test set (method.md §7); "
+           "S = strict (exact boundaries), L = lenient (overlap). — = not evaluated "
+           "(single-site models are scored on their own site only; new-site rows on the new "
+           "site only). Per-type and seqeval scores, problem counts and sample outputs are "
+           "in results.json.", ""]
+  evaluated = results.get("evaluated", {})
+  sizes = ", ".join(f"{s} ({role[s]}): " + ", ".join(
+      f"{t} {v['scored']}/{v['available']}" for t, v in evaluated.get(s, {}).items())
+      for s in sites)
+  lines += [f"Test examples scored/available: {sizes}.", ""]
+  for task, title in TASK_TITLES.items():
+    if not any(task in by for r in settings.values() for by in r.get("sites", {}).values()):
+      continue
+    head = ["setting"] + [f"{s} {k}" for s in sites for k in ("S", "L")] + \
+        ["micro in-domain S", "micro in-domain L"]
+    lines += [f"## {title}", "", "| " + " | ".join(head) + " |",
+              "|" + "---|" + "---:|" * (len(head) - 1)]
+    for name, result in settings.items():
+      cells = [name] + [_f1(result, s, task, k) for s in sites for k in ("strict", "lenient")]
+      cells += [_micro(result, task, k, train) for k in ("strict", "lenient")]
+      lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+  gen = results.get("generation")
+  if gen:
+    lines += [f"Generation: {gen['prompts']} answers, {gen['new_tokens']} new tokens, "
+              f"{gen['tokens_per_second']:.0f} tokens/s after compilation, "
+              f"{gen['distinct_shapes']} compiled shapes, {gen['hit_budget']} answers cut by "
+              "their token budget.", ""]
+  seconds = results.get("seconds")
+  if seconds:
+    lines += ["Seconds per setting (training + evaluation): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".", ""]
+  for alg, run in results.get("runs", {}).items():
+    if run.get("plots"):
+      lines.append(f"Per-round plots of federated/{alg}: " +
+                   ", ".join(f"`{p}`" for p in run["plots"]))
+  return "\n".join(lines).rstrip() + "\n"
