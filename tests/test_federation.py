@@ -215,6 +215,11 @@ def test_launcher_losses_fall_and_adapter_is_exported(tmp_path):
   assert train[0] > train[1] > train[2] and val[0] > val[1] > val[2]
   assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
   assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+  # The evaluation hook scored every site every round, and the plots were drawn.
+  assert all(set(r["f1"]) == set(r["train_loss"]) for r in rows)
+  assert all(set(r["val_loss_by_site"]) == set(r["train_loss"]) for r in rows)
+  for name in ("f1_per_round", "val_loss_per_round", "weights_per_round", "cumulative_bytes"):
+    assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
   again = subprocess.run(
       [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}"], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=600)

@@ -113,3 +113,19 @@ def test_sampling_is_seeded():
 def test_left_pad_rejects_empty_prompt():
   with pytest.raises(ValueError, match="prompt 1 is empty"):
     generation.left_pad([[1, 2], []], pad_id=0)
+
+
+def test_right_padding_gives_the_same_tokens_as_left_padding(sharp_model):
+  config, graphdef, params, adapters = sharp_model
+  prompts = [[7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33]]
+  left_t, left_m = generation.left_pad(prompts, pad_id=0)
+  right_t, right_m = generation.right_pad(prompts, pad_id=0)
+  assert right_t[1, :2].tolist() == [20, 21] and right_m[1].sum() == 2
+  assert left_t[1, -2:].tolist() == [20, 21]
+  outs = [generation.generate(config, graphdef, params, adapters, jnp.asarray(t),
+                              jnp.asarray(m), max_new_tokens=10, pad_id=96)
+          for t, m in ((left_t, left_m), (right_t, right_m))]
+  (lo, ll), (ro, rl) = outs
+  assert len(set(np.asarray(lo).ravel().tolist())) > 4, "outputs should vary"
+  np.testing.assert_array_equal(lo, ro)
+  np.testing.assert_array_equal(ll, rl)

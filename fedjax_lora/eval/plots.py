@@ -41,7 +41,10 @@ def _axes(n: int):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
   fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8), squeeze=False)
+  for ax in axes[0]:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds
   return plt, fig, axes[0]
 
 
