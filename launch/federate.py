@@ -48,8 +48,8 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   config = _CONFIG.value
   fed = experiment.build(config, workdir, log=log)
-  ev = config.eval
-  if ev.round_examples_per_task:
+  ev = config.get("eval")  # configs written before the eval group have none
+  if ev is not None and ev.round_examples_per_task:
     data = fed.data
     sets = {n: eval_sets(n, data.sites[n].examples["test"], ev.round_examples_per_task)
             for n in (s.name for s in fed.sites) if data.sites[n].examples.get("test")}

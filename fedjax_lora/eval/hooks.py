@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from fedjax_lora.eval.decoding import Decoder
 from fedjax_lora.eval.evaluator import EvalSet, evaluate_sets, f1_summary
+from fedjax_lora.simulator import server_validation_set
 
 
 def is_personalised(fed) -> bool:
@@ -36,9 +40,6 @@ def round_eval_hook(decoder: Decoder | None, sets: Mapping[str, Mapping[str, Eva
   """A Federation hook adding `f1` {site: {task: {strict, lenient}}}, `f1_generation` and
   `val_loss_by_site` (the global, or site's own, model on that site's part of the server
   validation set) to the round's metrics."""
-  from fedjax_lora.simulator import server_validation_set
-  import jax.numpy as jnp
-  import jax
   val_sets: dict = {}
 
   def hook(fed, round_index: int) -> dict:
