@@ -22,7 +22,6 @@ import configs
 from fedjax_lora import experiment
 from fedjax_lora.eval import hooks, plots, settings
 from fedjax_lora.eval.decoding import Decoder
-from fedjax_lora.eval.evaluator import eval_sets
 from launch import errors
 from models import hf_checkpoint, peft_io
 
@@ -48,15 +47,11 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   config = _CONFIG.value
   fed = experiment.build(config, workdir, log=log)
-  ev = config.get("eval")  # configs written before the eval group have none
-  if ev is not None and ev.round_examples_per_task:
-    data = fed.data
-    sets = {n: eval_sets(n, data.sites[n].examples["test"], ev.round_examples_per_task)
-            for n in (s.name for s in fed.sites) if data.sites[n].examples.get("test")}
-    decoder = Decoder(fed.model_config, fed.graphdef, data.tokenizer,
-                      settings.decode_config(ev), log=log)
-    fed.hooks.append(hooks.round_eval_hook(decoder, sets, config.run.val_examples_per_site,
-                                           config.run.val_chunk))
+  if config.get("eval") is not None:  # configs written before the eval group have none
+    decoder = Decoder(fed.model_config, fed.graphdef, fed.data.tokenizer,
+                      settings.decode_config(config.eval), log=log)
+    fed.hooks.append(hooks.hook_from_config(config, fed.data, decoder,
+                                            [s.name for s in fed.sites]))
   if _RESUME.value:
     fed.resume()
   elif fed.checkpointer is not None and fed.checkpointer.latest_round() is not None:

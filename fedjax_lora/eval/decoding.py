@@ -132,7 +132,7 @@ class Decoder:
     cfg = self.cfg
     ids = self.encode_prompts(prompts)
     budgets = [budget(n, cfg) for n in self._count(input_texts)]
-    longest = self.model_config.max_position_embeddings
+    max_positions = self.model_config.max_position_embeddings
     keys = [(generation.bucket_length(len(x)), b) for x, b in zip(ids, budgets)]
     order = sorted(range(len(ids)), key=lambda i: (keys[i], i))
     outputs: list[str | None] = [None] * len(ids)
@@ -142,8 +142,8 @@ class Decoder:
     for i in order:
       groups.setdefault(keys[i], []).append(i)
     for (plen, new), members in groups.items():
-      if plen + new > longest:
-        new = max(1, longest - plen)
+      if plen + new > max_positions:
+        new = max(1, max_positions - plen)
       for start in range(0, len(members), cfg.batch_size):
         rows = members[start:start + cfg.batch_size]
         filled = rows + [rows[0]] * (cfg.batch_size - len(rows))
@@ -159,21 +159,21 @@ class Decoder:
         seconds = time.perf_counter() - t0
         shape = (cfg.batch_size, plen, new, n_adapters)
         warm = shape in self.total.shapes or shape in stats.shapes
-        stats.seconds += seconds
-        stats.batches += 1
-        stats.shapes.add(shape)
-        real_tokens = int(sum(int(lengths[r]) for r in range(len(rows))))
-        if warm:
-          stats.warm_seconds += seconds
-          stats.warm_tokens += real_tokens
+        real_tokens = 0
         for r, i in enumerate(rows):
           n = int(lengths[r])
           row = np.asarray(out[r, :n]).tolist()
-          ended = bool(row) and row[-1] in self.eos_ids
-          stats.hit_budget += int(not ended)
-          stats.new_tokens += n
+          stats.hit_budget += int(not (row and row[-1] in self.eos_ids))
+          real_tokens += n
           outputs[i] = clean_output(self.tokenizer.decode(row, skip_special_tokens=True))
+        stats.seconds += seconds
+        stats.batches += 1
+        stats.shapes.add(shape)
         stats.prompts += len(rows)
+        stats.new_tokens += real_tokens
+        if warm:
+          stats.warm_seconds += seconds
+          stats.warm_tokens += real_tokens
     self.total.add(stats)
     if self.log:
       self.log(f"  generated {label + ': ' if label else ''}{stats.prompts} answers, "

@@ -102,12 +102,18 @@ def evaluate_sets(decoder: Decoder, base, adapters_for: Callable[[str], Any],
                            for e, o in zip(es.examples[:samples], outputs)]
       result["generation"] = st.to_dict()
       per_site[site][task] = result
-  aggregate = {}
+  return {"sites": per_site, "aggregate": aggregate_sites(per_site),
+          "generation": stats.to_dict()}
+
+
+def aggregate_sites(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """Per task, `metrics.aggregate` over the sites scored on it."""
+  out = {}
   for task in TASK_NAMES:
     scored = {s: r[task] for s, r in per_site.items() if task in r}
     if scored:
-      aggregate[task] = metrics.aggregate(scored)
-  return {"sites": per_site, "aggregate": aggregate, "generation": stats.to_dict()}
+      out[task] = metrics.aggregate(scored)
+  return out
 
 
 def f1_summary(result: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lora.eval.decoding import Decoder
-from fedjax_lora.eval.evaluator import EvalSet, evaluate_sets, f1_summary
+from fedjax_lora.eval.evaluator import EvalSet, eval_sets, evaluate_sets, f1_summary
 from fedjax_lora.simulator import server_validation_set
 
 
@@ -33,6 +33,16 @@ def site_models(fed) -> Callable[[str], Any]:
       return fed.site_adapters(index[site])
     return fed.global_adapters()
   return adapters_for
+
+
+def hook_from_config(config, data, decoder: Decoder, site_names):
+  """The hook `config.eval` asks for: F1 on `round_examples_per_task` test examples of each
+  named site (0: F1 off) and per-site validation loss (with `run.val_examples_per_site`)."""
+  k = config.eval.round_examples_per_task
+  sets = {n: eval_sets(n, data.sites[n].examples["test"], k) for n in site_names
+          if k and data.sites[n].examples.get("test")}
+  return round_eval_hook(decoder if sets else None, sets, config.run.val_examples_per_site,
+                         config.run.val_chunk)
 
 
 def round_eval_hook(decoder: Decoder | None, sets: Mapping[str, Mapping[str, EvalSet]],

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from fedjax_lora.eval.metrics import prf
+
 TASK_TITLES = {"ner": "NER", "re": "RE"}
 
 
@@ -25,12 +27,8 @@ def _micro(result: Mapping[str, Any], task: str, kind: str, sites: Sequence[str]
           if task in result.get("sites", {}).get(s, {})]
   if not rows:
     return "—"
-  tp = sum(r[kind]["tp"] for r in rows)
-  n_pred = sum(r[kind]["n_pred"] for r in rows)
-  n_gold = sum(r[kind]["n_gold"] for r in rows)
-  p = tp / n_pred if n_pred else 0.0
-  rec = tp / n_gold if n_gold else 0.0
-  return f"{100 * (2 * p * rec / (p + rec) if p + rec else 0.0):.1f}"
+  pooled = prf(*(sum(r[kind][k] for r in rows) for k in ("tp", "n_pred", "n_gold")))
+  return f"{100 * pooled['f1']:.1f}"
 
 
 def summary_line(name: str, result: Mapping[str, Any]) -> str:

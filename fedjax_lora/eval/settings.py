@@ -29,10 +29,10 @@ import numpy as np
 from fedjax_lora import experiment
 from fedjax_lora.data import prepare
 from fedjax_lora.data.encoding import SiteArrays
-from fedjax_lora.eval import metrics, plots, report
+from fedjax_lora.eval import plots, report
 from fedjax_lora.eval.decoding import DecodeConfig, Decoder
-from fedjax_lora.eval.evaluator import eval_sets, evaluate_sets
-from fedjax_lora.eval.hooks import round_eval_hook, site_models
+from fedjax_lora.eval.evaluator import aggregate_sites, eval_sets, evaluate_sets
+from fedjax_lora.eval.hooks import hook_from_config, site_models
 from fedjax_lora.simulator import ConfigError, SiteData
 from models import lora
 
@@ -119,9 +119,6 @@ class SettingsRun:
     if missing:
       raise ConfigError(f"sites {missing} have no test split to evaluate on (config.data."
                         "sites.<name>.test_split)")
-    self.round_sets = {n: eval_sets(n, self.data.sites[n].examples["test"],
-                                    self.ev.round_examples_per_task)
-                       for n in self.train} if self.ev.round_examples_per_task else {}
     self.results: dict[str, Any] = {
         "config": json.loads(config.to_json_best_effort()), "roles": roles,
         "evaluated": {n: {t: {"scored": len(es.examples), "available": es.available}
@@ -184,9 +181,7 @@ class SettingsRun:
       res = evaluate_sets(self.decoder, fed.effective_base(), site_models(fed),
                           {name: self.sets[name]}, label=f"single_site {name}")
       per_site[name] = res["sites"][name]
-    agg = {task: metrics.aggregate({s: r[task] for s, r in per_site.items() if task in r})
-           for task in ("ner", "re") if any(task in r for r in per_site.values())}
-    res = {"sites": per_site, "aggregate": agg}
+    res = {"sites": per_site, "aggregate": aggregate_sites(per_site)}
     self.results["settings"]["single_site"] = res
     self.log(report.summary_line("single_site", res))
     self.save()
@@ -209,11 +204,9 @@ class SettingsRun:
         import shutil
         shutil.rmtree(run_dir)  # a rerun of launch.evaluate starts this run afresh
       run_dir.mkdir(parents=True)
-      hook = round_eval_hook(self.decoder if self.round_sets else None, self.round_sets,
-                             self.config.run.val_examples_per_site, self.config.run.val_chunk)
+      hook = hook_from_config(self.config, self.data, self.decoder, self.train)
       fed = self._train(self._config(alg), [self._site(n) for n in self.train], run_dir,
                         hooks=[hook])
-      fed.checkpointer and fed.checkpointer.wait()
       self.results["runs"][alg] = {"history": fed.history,
                                    "plots": [str(p) for p in plots.plot_workdir(run_dir, alg)]}
       self._score(f"federated/{alg}", fed.effective_base(), site_models(fed),
