@@ -12,9 +12,11 @@ def causal_lm_loss(logits, tokens, loss_mask):
   supervised *target* (e.g. the attention mask for full-sequence loss). Returns
   (mean loss, number of supervised tokens).
   """
-  targets = tokens[:, 1:]
-  weights = loss_mask[:, 1:].astype(jnp.float32)
-  per_token = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1].astype(jnp.float32), targets)
+  # Targets move left instead of the logits moving right: slicing [B, T-1, V] off the
+  # logits would copy the largest array of the step (and pad its gradient back).
+  targets = jnp.roll(tokens, -1, axis=1)
+  weights = jnp.roll(loss_mask.astype(jnp.float32), -1, axis=1).at[:, -1].set(0.0)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                              targets)
   count = jnp.sum(weights)
   return jnp.sum(per_token * weights) / jnp.maximum(count, 1.0), count

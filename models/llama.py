@@ -172,6 +172,31 @@ def _attention_mask(attention_mask, cache, T):
   return mask[:, None], (valid if cache is not None else None)
 
 
+@jax.custom_vjp
+def lora_up(low, b):
+  """low [B, T, r] @ b [r, out], whose backward pass materialises the incoming gradient.
+
+  The gradient dB = lowᵀ dy contracts dy over tokens. Left alone, XLA:CPU fuses the
+  elementwise producer of dy (e.g. SiLU's backward) into a transposing copy with strided
+  reads, which cost more than the MLP's matmuls; the barrier makes it a plain transpose.
+  Measured on the CPU benchmark shape: the LoRA-MLP backward went from 75 to 42 ms.
+  """
+  return jnp.einsum("btr,rf->btf", low, b)
+
+
+def _lora_up_fwd(low, b):
+  return lora_up(low, b), (low, b)
+
+
+def _lora_up_bwd(residuals, dy):
+  low, b = residuals
+  dy = jax.lax.optimization_barrier(dy)
+  return jnp.einsum("btf,rf->btr", dy, b), jnp.einsum("btr,btf->rf", low, dy)
+
+
+lora_up.defvjp(_lora_up_fwd, _lora_up_bwd)
+
+
 def _project(x, w, target, lora_views, lora_meta, layer_idx, dropout_rng, dtype):
   y = jnp.einsum("btd,df->btf", x, w.astype(dtype))
   for k, ((params, scale), spec) in enumerate(zip(lora_views, lora_meta)):
@@ -184,8 +209,10 @@ def _project(x, w, target, lora_views, lora_meta, layer_idx, dropout_rng, dtype)
                                k * 16 + lora_lib.ALL_TARGETS.index(target))
       keep = jax.random.bernoulli(key, 1.0 - spec.dropout, x.shape)
       xin = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
-    low = jnp.einsum("btd,dr->btr", xin, ab["a"].astype(dtype))
-    y = y + (scale.astype(dtype) * jnp.einsum("btr,rf->btf", low, ab["b"].astype(dtype)))
+    # The scale multiplies the rank-r activation, not the [B, T, out] product: the
+    # backward pass then feeds dy straight into both small matmuls (no scaled copy).
+    low = jnp.einsum("btd,dr->btr", xin, ab["a"].astype(dtype)) * scale.astype(dtype)
+    y = y + lora_up(low, ab["b"].astype(dtype))
   return y
 
 

@@ -1,0 +1,1 @@
+"""Throughput benchmark: the JAX simulator against transformers + peft (eager and compiled)."""

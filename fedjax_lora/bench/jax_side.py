@@ -1,0 +1,111 @@
+"""JAX measurements: a client's local training, whole rounds (vmapped or sequential
+clients), batched greedy generation and the peak matmul rate, on the first device."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lora import aggregators as agg_lib
+from fedjax_lora.algorithms import get_algorithm
+from fedjax_lora.bench import memory, workload
+from fedjax_lora.bench.timing import first_and_repeats
+from fedjax_lora.client import ClientConfig, client_update
+from fedjax_lora.rounds import RoundSpec, compile_round
+from models import generation, hf_checkpoint, lora as lora_lib
+
+
+def device_description() -> dict:
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count()}
+
+
+def peak_matmul(n: int, dtype: str, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` n x n x n matmuls (the device's practical peak)."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  stats = first_and_repeats(lambda: matmul(a, b).block_until_ready(), repeats)
+  return 2.0 * n ** 3 / min(stats["times_s"])
+
+
+def _memory(before_mb: float) -> dict:
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    return {"kind": "device allocator peak", "peak_mb": round(stats["peak_bytes_in_use"] / 2**20, 1)}
+  return memory.host_memory(before_mb)
+
+
+def _load(c, workdir):
+  cfg = workload.model_config(c)
+  cfg, graphdef, base = hf_checkpoint.load_params(workload.checkpoint_dir(workdir), cfg)
+  spec = workload.lora_spec(c)
+  adapter = lora_lib.init_adapter(cfg, spec, jax.random.key(c.seed)).params
+  return cfg, graphdef, base, spec, adapter
+
+
+def train(c, workdir) -> dict:
+  """Tokens/s of one client's local training: `steps` fused steps in one compiled call."""
+  cfg, graphdef, base, spec, adapter = _load(c, workdir)
+  batches, mask = workload.client_batches(c, cfg.vocab_size, 0)
+  batches = jax.device_put(batches)
+  step = jax.jit(lambda base, params, batches, mask: client_update(
+      graphdef, base, {"global": params}, {"global": spec}, batches, mask, None,
+      ClientConfig()))
+  before = memory.rss_mb()
+  result = {}
+  stats = first_and_repeats(
+      lambda: jax.block_until_ready(step(base, adapter, batches, mask)), c.repeats)
+  result.update(stats)
+  result["tokens_per_s"] = workload.trained_flops_tokens(c) / stats["median_s"]
+  result["memory"] = _memory(before)
+  return result
+
+
+def rounds(c, workdir) -> dict:
+  """Wall time of a whole FedAvg round for each K and client mode (inputs from host)."""
+  cfg, graphdef, base, spec, adapter = _load(c, workdir)
+  aggregator = agg_lib.get_aggregator("fedavg")
+  out = {}
+  before = memory.rss_mb()
+  for mode in c.modes:
+    round_fn = compile_round(RoundSpec(get_algorithm("fedavg"), ClientConfig(), spec, mode=mode),
+                             aggregator, graphdef)
+    for k in c.clients:
+      clients = workload.round_batches(c, cfg.vocab_size, k)
+      batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in clients])
+      mask = np.stack([m for _, m in clients])
+      keys = jax.random.split(jax.random.key(0), k)
+      counts = np.full(k, float(workload.trained_flops_tokens(c)), np.float32)
+      state = {"global": adapter, "server": aggregator.init(adapter)}
+
+      def one_round():
+        new_state, _, metrics = round_fn(base, state, {}, batches, mask, np.arange(k),
+                                         np.ones(k, bool), counts, keys, None, None)
+        return jax.block_until_ready((new_state, metrics))
+
+      stats = first_and_repeats(one_round, c.repeats)
+      stats["tokens_per_s"] = k * workload.trained_flops_tokens(c) / stats["median_s"]
+      out[f"{mode}/K={k}"] = stats
+      print(f"  jax {mode} K={k}: {stats['median_s']:.3f} s per round "
+            f"(first {stats['first_s']:.2f} s)", flush=True)
+  out["memory"] = _memory(before)
+  return out
+
+
+def generate(c, workdir) -> dict:
+  """New tokens/s of batched greedy decoding with the KV cache, no early stop."""
+  cfg, graphdef, base, spec, adapter = _load(c, workdir)
+  tokens, mask = workload.prompts(c, cfg.vocab_size)
+  adapters = [lora_lib.LoraAdapter(adapter, spec)]
+  run = functools.partial(generation.generate, cfg, graphdef, base, adapters, tokens, mask,
+                          max_new_tokens=c.generate.new_tokens, eos_ids=())
+  before = memory.rss_mb()
+  stats = first_and_repeats(lambda: jax.block_until_ready(run()), c.repeats)
+  stats["new_tokens_per_s"] = c.generate.batch_size * c.generate.new_tokens / stats["median_s"]
+  stats["memory"] = _memory(before)
+  return stats

@@ -1,0 +1,205 @@
+r"""Throughput of the JAX simulator against transformers + peft, in one invocation.
+
+  python -m launch.benchmark                                    # small shape, this machine
+  python -m launch.benchmark --config=configs/benchmark.py:tiny --out=/tmp/bench   # smoke
+  python -m launch.benchmark --config=configs/benchmark.py:llama3_2_1b             # on a GPU
+
+Each (framework, task) runs in its own worker process, so peak memory is per task and
+neither framework's threads or allocator disturb the other. Writes NAME.json (device,
+versions, every time) and NAME.md (the table with JAX/torch ratios and target checks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import errors
+
+REPO = Path(__file__).resolve().parent.parent
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(REPO / "configs" / "benchmark.py"),
+    "Benchmark config; `configs/benchmark.py:SHAPE` with SHAPE in tiny, small, llama3_2_1b, "
+    "llama3_8b. Fields are overridable: --config.repeats=5.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory for the random checkpoint "
+                               "and worker outputs (default: a new temporary directory).")
+_OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
+                           "Directory for NAME.json and NAME.md.")
+_NAME = flags.DEFINE_string("name", None, "Result file stem (default: SHAPE_DEVICE).")
+_WORKER = flags.DEFINE_string("worker", None, "Internal: FRAMEWORK/TASK to run in this process.")
+
+TASKS = ("train", "rounds", "generate")
+
+
+# ---- worker side ---------------------------------------------------------------------------
+def _versions() -> dict:
+  import importlib.metadata as md
+  out = {"python": platform.python_version(), "platform": platform.platform()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
+def run_worker(spec: str, c, workdir: Path) -> dict:
+  framework, task = spec.split("/")
+  if framework == "jax":
+    from fedjax_lora.bench import jax_side as side
+    out = {"device": side.device_description()}
+    if task == "setup":
+      from fedjax_lora.bench import workload
+      from models import hf_checkpoint, llama
+      cfg = workload.model_config(c)
+      _, base = llama.init_model(cfg, seed=c.seed)
+      hf_checkpoint.save_params(workload.checkpoint_dir(workdir), cfg, base)
+      return out
+    if task == "train":
+      out["peak_matmul_flops"] = side.peak_matmul(c.peak_matmul_size, c.dtype)
+    out.update(getattr(side, task)(c, workdir))
+    return out
+  from fedjax_lora.bench import torch_side as side
+  compiled = framework == "torch_compile"
+  out = {"device": side.device_description(c)}
+  if task == "train":
+    out["peak_matmul_flops"] = side.peak_matmul(c, c.peak_matmul_size)
+  if task == "generate":
+    out.update(side.generate(c, workdir))
+  else:
+    out.update(getattr(side, task)(c, workdir, compiled))
+  return out
+
+
+# ---- orchestration -------------------------------------------------------------------------
+def _worker_env() -> dict:
+  env = dict(os.environ)
+  # One device per worker: drop a forced host device count (e.g. from the test setup).
+  flags_value = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       env.get("XLA_FLAGS", "")).strip()
+  env["XLA_FLAGS"] = flags_value
+  env.setdefault("TOKENIZERS_PARALLELISM", "false")
+  env.setdefault("HF_HUB_OFFLINE", "1")
+  return env
+
+
+def _spawn(spec: str, config_path: Path, workdir: Path) -> tuple[dict | None, str | None]:
+  out = workdir / "workers" / (spec.replace("/", "__") + ".json")
+  log = out.with_suffix(".stderr")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  print(f"[{spec}] running", flush=True)
+  cmd = [sys.executable, "-m", "launch.benchmark", f"--worker={spec}",
+         f"--config={REPO / 'configs' / 'benchmark_resolved.py'}:{config_path}",
+         f"--workdir={workdir}", f"--out={out}"]
+  with open(log, "w") as err:
+    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(), stderr=err)
+  if proc.returncode != 0 or not out.is_file():
+    tail = [l for l in log.read_text().splitlines() if l.strip()][-3:]
+    return None, " | ".join(tail) or f"exit status {proc.returncode}"
+  return json.loads(out.read_text()), None
+
+
+def _device_slug(device: dict) -> str:
+  if device.get("platform") == "cpu":
+    return "cpu"
+  return re.sub(r"[^a-z0-9]+", "-", device.get("device_kind", "device").lower()).strip("-")
+
+
+def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
+  from fedjax_lora.bench import flops, report, workload
+  config_path = workdir / "config.json"
+  config_path.write_text(c.to_json_best_effort(indent=2))
+  setup, error = _spawn("jax/setup", config_path, workdir)
+  if error:
+    raise RuntimeError(f"could not create the benchmark checkpoint: {error}")
+  results, errors_by_task, devices = {}, {}, {"jax": setup["device"]}
+  peaks = {}
+  for framework in c.frameworks:
+    tasks = [t for t in TASKS if not (t == "generate" and framework == "torch_compile")]
+    for task in tasks:
+      result, error = _spawn(f"{framework}/{task}", config_path, workdir)
+      if error:
+        errors_by_task[f"{framework}/{task}"] = error
+        print(f"[{framework}/{task}] FAILED: {error}", flush=True)
+        continue
+      results.setdefault(framework, {})[task] = result
+      if framework.startswith("torch"):
+        devices["torch"] = result["device"]
+      if "peak_matmul_flops" in result:
+        peaks["jax" if framework == "jax" else "torch"] = max(
+            peaks.get("jax" if framework == "jax" else "torch", 0.0), result["peak_matmul_flops"])
+  cfg, spec = workload.model_config(c), workload.lora_spec(c)
+  g = c.generate
+  doc = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "config": c.to_dict(),
+      "device": devices,
+      "cpu_model": _cpu_model(),
+      "software": _versions(),
+      "flops": {
+          "train_per_token": flops.train_flops_per_token(cfg, spec, c.seq_len),
+          "decode_per_token": flops.decode_flops_per_token(
+              cfg, spec, g.prompt_len + g.new_tokens / 2),
+          "train_formula": flops.TRAIN_FORMULA, "decode_formula": flops.DECODE_FORMULA,
+          "matmul_params": flops.matmul_params(cfg), "lora_params": flops.lora_params(cfg, spec)},
+      "peak_matmul_flops": {**peaks, "measured_peak": max(peaks.values()) if peaks else None},
+      "nominal_peak_flops": report.nominal_peak(devices["jax"].get("device_kind", "")),
+      "results": results,
+      "errors": errors_by_task,
+  }
+  if doc["peak_matmul_flops"]["measured_peak"]:
+    report.summarize(doc)
+  name = name or f"{c.shape}_{_device_slug(devices['jax'])}"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+  table = report.markdown(doc) if "targets" in doc else "no peak measured; see the JSON\n"
+  (out_dir / f"{name}.md").write_text(table)
+  print(table)
+  print(f"wrote {out_dir / name}.json and .md", flush=True)
+  return doc
+
+
+def _cpu_model() -> str | None:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def main(argv):
+  del argv
+  c = _CONFIG.value
+  if _WORKER.value:
+    result = run_worker(_WORKER.value, c, Path(_WORKDIR.value))
+    Path(_OUT.value).write_text(json.dumps(result, indent=2))
+    return
+  unknown = [f for f in c.frameworks if f not in ("jax", "torch_eager", "torch_compile")]
+  if unknown:
+    raise ValueError(f"--config.frameworks: unknown {unknown}; expected jax, torch_eager, "
+                     "torch_compile")
+  if "jax" not in c.frameworks:
+    raise ValueError("--config.frameworks must include jax (the ratios are against it)")
+  workdir = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="fedjax_bench_"))
+  workdir.mkdir(parents=True, exist_ok=True)
+  doc = orchestrate(c, workdir, Path(_OUT.value), _NAME.value)
+  if doc["errors"]:
+    raise RuntimeError(f"{len(doc['errors'])} measurement(s) failed: {sorted(doc['errors'])}")
+
+
+if __name__ == "__main__":
+  errors.run(main)
