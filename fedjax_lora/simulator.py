@@ -235,7 +235,9 @@ class Federation:
     return adapters
 
   # ---- rounds ------------------------------------------------------------------------------
-  def _round_inputs(self, r: int):
+  def round_inputs(self, r: int):
+    """(indices, present, batches [K, S, A, B, L], step mask, keys, rank masks) of round r:
+    seeded, so the PyTorch baseline and resumed runs see exactly the same data."""
     idx, present = sample_clients(len(self.sites), self.run, r)
     rngs = [_rng(self.run.seed, 2, r, int(k)) for k in idx]
     batches, step_mask = batching.round_batches(
@@ -255,7 +257,7 @@ class Federation:
     """Runs the next round; returns its metrics (also appended to `history`)."""
     r = int(self.state["round"]) + 1
     t0 = time.perf_counter()
-    idx, present, batches, step_mask, keys, rank = self._round_inputs(r)
+    idx, present, batches, step_mask, keys, rank = self.round_inputs(r)
     placed = self.place({"batches": batches, "step_mask": step_mask, "idx": idx,
                          "present": present, "counts": self.token_counts[idx], "keys": keys,
                          "rank": rank}, True)

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_lora.client import ClientConfig
-from models import peft_io
 from models.lora import LoraSpec
 
 try:
@@ -156,8 +155,3 @@ class TorchFederation:
                   for t, ab in total.items()}
     return new_global, metrics
 
-
-def export(out_dir, params: dict, spec: LoraSpec, num_layers: int) -> Path:
-  """Writes a round's global adapter in PEFT format (same files as the JAX side)."""
-  from models.lora import LoraAdapter
-  return peft_io.export_adapter(out_dir, LoraAdapter(params, spec), num_layers)

@@ -77,8 +77,9 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
               eos_ids, sample, temperature, rng, pad_id):
   B, P = prompt_tokens.shape
   cache = llama.init_cache(config, B, P + max_new_tokens)
-  logits, cache = llama.forward(graphdef, params, adapters, prompt_tokens,
-                                attention_mask=prompt_mask, cache=cache)
+  # Prefill scans the layers and projects only each row's last real token to the vocabulary.
+  hidden, cache = llama.forward(graphdef, params, adapters, prompt_tokens,
+                                attention_mask=prompt_mask, cache=cache, return_hidden=True)
   rng = jax.random.key(0) if rng is None else rng
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -90,7 +91,7 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
   # Each row's last real prompt token (column P-1 under left padding).
   last_real = jnp.max(jnp.where(prompt_mask.astype(jnp.bool_), jnp.arange(P)[None], 0), axis=1)
   rng, key = jax.random.split(rng)
-  first = choose(logits[jnp.arange(B), last_real], key)
+  first = choose(llama.lm_head(graphdef, params, hidden[jnp.arange(B), last_real]), key)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos)
   lengths = jnp.ones((B,), jnp.int32)
@@ -102,8 +103,10 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
   def body(state):
     step, cache, out, done, lengths, rng = state
     last = out[:, step - 1]
+    # One token per step: unrolled layers read weights and cache slots as static slices.
     logits, cache = llama.forward(graphdef, params, adapters, last[:, None],
-                                  attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache)
+                                  attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache,
+                                  scan_layers=False, layer_weights=layer_weights)
     rng, key = jax.random.split(rng)
     nxt = jnp.where(done, pad_id, choose(logits[:, -1], key))
     out = out.at[:, step].set(nxt)
@@ -111,6 +114,9 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
     done = done | jnp.isin(nxt, eos)
     return step + 1, cache, out, done, lengths, rng
 
+  # On CPU, split the stacked weights once (an extra copy of them while decoding) rather
+  # than copying every layer's slice at every step; other backends slice in place.
+  layer_weights = llama.unstack_layers(params) if jax.default_backend() == "cpu" else None
   state = (jnp.array(1, jnp.int32), cache, out, done, lengths, rng)
   _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, state)
   return out, lengths

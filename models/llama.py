@@ -64,7 +64,8 @@ class Llama(nnx.Module):
       self.lm_head = nnx.Param(_normal(rngs.params(), (config.hidden_size, config.vocab_size), dt))
 
   def __call__(self, tokens, *, positions=None, attention_mask=None, adapters=(),
-               cache=None, dropout_rng=None, return_hidden=False):
+               cache=None, dropout_rng=None, return_hidden=False, scan_layers=None,
+               layer_weights=None):
     """Returns (float32 logits [B, T, V], updated cache or None).
 
     tokens: int [B, T]. attention_mask: [B, T], 1 for real tokens (default all ones).
@@ -72,6 +73,11 @@ class Llama(nnx.Module):
     cache: from `init_cache`; the T new tokens are written at `cache['index']`.
     dropout_rng: enables LoRA dropout (training); None = deterministic. Under `vmap` over
       clients pass one key per client (vmapped), or every client draws the same mask.
+    return_hidden: return the final-norm hidden states instead of logits (see `lm_head`).
+    scan_layers: overrides the config; decoding unrolls the layers, so every layer's
+      weights and cache slot are static slices rather than per-step copies.
+    layer_weights: per-layer weight dicts from `unstack_layers`, used instead of slicing the
+      stacked weights (unrolled layers only).
     """
     cfg = self.config
     B, T = tokens.shape
@@ -88,43 +94,47 @@ class Llama(nnx.Module):
     lora_views = tuple(lora_lib.per_layer_view(a, cfg.num_layers)
                        for a in lora_lib.as_adapter_list(adapters))
     lora_meta = tuple(a.spec for a in lora_lib.as_adapter_list(adapters))
-    xs = {
-        "w": stacked,
-        "lora": lora_views,
-        "layer": jnp.arange(cfg.num_layers),
-        "cache": None if cache is None else {"k": cache["k"], "v": cache["v"]},
-    }
+    xs = {"w": stacked, "lora": lora_views, "layer": jnp.arange(cfg.num_layers)}
     cache_index = None if cache is None else cache["index"]
 
-    def layer(h, x):
-      h, kv = _decoder_layer(cfg, h, x, lora_meta, mask, cos, sin, cache_index, dropout_rng)
-      return h, kv
+    # The KV cache rides in the carry ([L, B, S, kv, hd] each), and every layer writes its
+    # new tokens into it in place; as a scanned output it would be rebuilt every call.
+    def layer(carry, x):
+      h, kv = carry
+      h, kv = _decoder_layer(cfg, h, x, lora_meta, mask, cos, sin, cache_index, kv,
+                             dropout_rng)
+      return (h, kv), None
 
     policy_name = cfg.remat
     if policy_name != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
 
-    if cfg.scan_layers:
-      h, new_kv = jax.lax.scan(layer, h, xs)
+    carry = (h, None if cache is None else {"k": cache["k"], "v": cache["v"]})
+    if cfg.scan_layers if scan_layers is None else scan_layers:
+      (h, new_kv), _ = jax.lax.scan(layer, carry, xs)
     else:
-      outs = []
       for i in range(cfg.num_layers):
-        h, kv = layer(h, jax.tree.map(lambda a: a[i], xs))
-        outs.append(kv)
-      new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        x = jax.tree.map(lambda a: a[i], xs)
+        x["layer"] = i  # static: the cache slot and dropout key are plain slices
+        if layer_weights is not None:
+          x["w"] = layer_weights[i]
+        carry, _ = layer(carry, x)
+      h, new_kv = carry
 
     h = rms_norm(h, self.final_norm[...], cfg.rms_norm_eps)
-    if return_hidden:
-      logits = h
-    else:
-      head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-      logits = jnp.einsum("btd,dv->btv", h, head.astype(cfg.jnp_dtype),
-                          preferred_element_type=jnp.float32)
+    logits = h if return_hidden else self.logits(h)
     new_cache = None
     if cache is not None:
       new_cache = {"k": new_kv["k"], "v": new_kv["v"], "valid": new_valid,
                    "index": cache["index"] + T}
     return logits, new_cache
+
+  def logits(self, hidden):
+    """float32 logits of final-norm hidden states [..., D] (e.g. only a row's last token)."""
+    cfg = self.config
+    head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+    return jnp.einsum("...d,dv->...v", hidden, head.astype(cfg.jnp_dtype),
+                      preferred_element_type=jnp.float32)
 
 
 def rms_norm(x, weight, eps):
@@ -216,7 +226,8 @@ def _project(x, w, target, lora_views, lora_meta, layer_idx, dropout_rng, dtype)
   return y
 
 
-def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_index, dropout_rng):
+def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_index, cache,
+                   dropout_rng):
   w, layer_idx, dt = x["w"], x["layer"], cfg.jnp_dtype
   # Per-layer slices of each adapter: ((params, scale_scalar), ...).
   lora_views = tuple((params, scale) for params, scale in x["lora"])
@@ -230,14 +241,11 @@ def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_inde
   k = checkpoint_name(proj(normed, "k_proj"), "key").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   v = checkpoint_name(proj(normed, "v_proj"), "value").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-  new_kv = None
-  if x["cache"] is not None:
-    ck = jax.lax.dynamic_update_slice(x["cache"]["k"], k.astype(x["cache"]["k"].dtype),
-                                      (0, cache_index, 0, 0))
-    cv = jax.lax.dynamic_update_slice(x["cache"]["v"], v.astype(x["cache"]["v"].dtype),
-                                      (0, cache_index, 0, 0))
-    new_kv = {"k": ck, "v": cv}
-    k, v = ck.astype(dt), cv.astype(dt)
+  if cache is not None:
+    at = (layer_idx, 0, cache_index, 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
+    k, v = cache["k"][layer_idx].astype(dt), cache["v"][layer_idx].astype(dt)
   attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
   attn = checkpoint_name(attn.reshape(B, T, cfg.num_heads * cfg.head_dim), "attn_out")
   h = h + checkpoint_name(proj(attn, "o_proj"), "attn_proj")
@@ -245,7 +253,7 @@ def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_inde
   normed = rms_norm(h, w["mlp_norm"], cfg.rms_norm_eps)
   gated = jax.nn.silu(proj(normed, "gate_proj")) * proj(normed, "up_proj")
   h = h + proj(gated, "down_proj")
-  return h, new_kv
+  return h, cache
 
 
 # ---- pure functional API -------------------------------------------------------------
@@ -271,6 +279,22 @@ def forward(graphdef: nnx.GraphDef, base_params: dict, adapters: Sequence[Any] |
   """Pure forward: (logits float32 [B, T, V], cache). See `Llama.__call__` for kwargs."""
   model = nnx.merge(graphdef, base_params)
   return model(tokens, adapters=adapters, **kwargs)
+
+
+def unstack_layers(base_params: dict) -> list[dict]:
+  """Each layer's weights as separate arrays (a copy of the layer weights).
+
+  XLA:CPU copies a static slice of a stacked weight every time a decoding step uses it;
+  slicing once before the decode loop removes those per-token copies.
+  """
+  layers = base_params["layers"]
+  num_layers = next(iter(layers.values())).shape[0]
+  return [{name: w[i] for name, w in layers.items()} for i in range(num_layers)]
+
+
+def lm_head(graphdef: nnx.GraphDef, base_params: dict, hidden):
+  """float32 logits from `forward(..., return_hidden=True)` states, e.g. of one position."""
+  return nnx.merge(graphdef, base_params).logits(hidden)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:

@@ -77,7 +77,7 @@ def test_vmap_sequential_sharded_and_python_loop_agree(data):
   # An explicit per-client Python loop with the same inputs, then FedAvg by token counts.
   fed = build(data)
   start = _global(fed)
-  idx, present, batches, step_mask, keys, _ = fed._round_inputs(1)
+  idx, present, batches, step_mask, keys, _ = fed.round_inputs(1)
   update = jax.jit(lambda t, b, m, k: client_update(
       fed.graphdef, fed.base, t, {"global": fed.spec.global_spec}, b, m, k, fed.spec.client)[0])
   ys = [update({"global": start}, jax.tree.map(lambda x: x[k], batches), step_mask[k], keys[k])
@@ -91,7 +91,7 @@ def test_vmap_sequential_sharded_and_python_loop_agree(data):
 
 def test_masked_steps_leave_a_client_where_it_ends_alone(data):
   fed = build(data, **{"client.warmup_fraction": 0.0})  # every real step moves the weights
-  _, _, batches, step_mask, keys, _ = fed._round_inputs(1)
+  _, _, batches, step_mask, keys, _ = fed.round_inputs(1)
   real_steps = step_mask.sum(1)
   k = int(np.flatnonzero((real_steps >= 2) & (real_steps < step_mask.shape[1]))[0])
   real = int(step_mask[k].sum())
@@ -232,7 +232,7 @@ def test_client_axis_is_sharded_over_all_8_devices():
   mesh = mesh_lib.make_mesh(4, 2)
   assert mesh.devices.size == 8 == len(jax.devices())
   fed = experiment.build(c, None, log=QUIET, mesh=mesh, data=data4)
-  idx, present, batches, step_mask, keys, _ = fed._round_inputs(1)
+  idx, present, batches, step_mask, keys, _ = fed.round_inputs(1)
   placed = fed.place({"batches": batches}, True)
   assert placed["batches"]["tokens"].sharding.spec == jax.sharding.PartitionSpec("clients")
   fed.step()

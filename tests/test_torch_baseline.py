@@ -36,7 +36,7 @@ def test_one_round_matches_the_jax_simulator(tmp_path, hf_llama, accumulation):
   data = prepare.prepare(config.data, None, log=QUIET)
   fed = experiment.build(config, None, log=QUIET, mesh=mesh_lib.make_mesh(1, 1), data=data)
   start = jax.tree.map(np.asarray, fed.state["global"])
-  idx, present, batches, step_mask, _, _ = fed._round_inputs(1)
+  idx, present, batches, step_mask, _, _ = fed.round_inputs(1)
   assert present.all() and step_mask.sum(1).min() < step_mask.shape[1]  # ragged clients
   row = fed.step()
   jax_global = jax.tree.map(np.asarray, fed.state["global"])

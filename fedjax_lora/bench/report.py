@@ -52,7 +52,11 @@ def summarize(doc: dict) -> dict:
   if nominal and train["jax"]:
     doc["utilisation"]["jax"]["mfu_vs_nominal_bf16_peak"] = train["jax"] * per_token / nominal
   kmax = max(c["clients"])
-  round_jax = _get(res, "jax", "rounds", f"vmap/K={kmax}", "median_s")
+  # The JAX round is the faster of its client modes (a run picks one with config.mode).
+  by_mode = {m: _get(res, "jax", "rounds", f"{m}/K={kmax}", "median_s") for m in c["modes"]}
+  by_mode = {m: t for m, t in by_mode.items() if t}
+  best_mode = min(by_mode, key=by_mode.get) if by_mode else None
+  round_jax = by_mode.get(best_mode)
   round_eager = _get(res, "torch_eager", "rounds", f"sequential/K={kmax}", "median_s")
   gen_jax = _get(res, "jax", "generate", "new_tokens_per_s")
   gen_hf = _get(res, "torch_eager", "generate", "new_tokens_per_s")
@@ -63,11 +67,13 @@ def summarize(doc: dict) -> dict:
       "generate_jax_over_hf": _ratio(gen_jax, gen_hf),
   }
   doc["ratios"] = ratios
+  doc["round_jax_mode"] = best_mode
   on_gpu = doc["device"]["jax"]["platform"] == "gpu"
   goals = [
       ("train tokens/s, JAX / torch eager", ratios["train_jax_over_torch_eager"], 1.5),
       ("train tokens/s, JAX / torch.compile", ratios["train_jax_over_torch_compile"], 1.0),
-      (f"round wall time K={kmax}, torch eager / JAX", ratios[f"round_K{kmax}_torch_eager_over_jax"], 2.0),
+      (f"round wall time K={kmax}, torch eager / JAX ({best_mode} clients)",
+       ratios[f"round_K{kmax}_torch_eager_over_jax"], 2.0),
       (f"generation new tokens/s at batch {c['generate']['batch_size']}, JAX / transformers",
        ratios["generate_jax_over_hf"], 3.0),
   ]

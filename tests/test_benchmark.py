@@ -1,0 +1,104 @@
+"""The throughput benchmark: its FLOP formula agrees with XLA's own count, and the whole
+launcher (JAX, torch eager, torch.compile workers) runs end to end on the tiny shape."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import benchmark as benchmark_config
+from fedjax_lora.bench import flops, workload
+from fedjax_lora.losses import causal_lm_loss
+from models import llama, lora as lora_lib
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_train_flops_formula_matches_xla_cost_analysis():
+  c = benchmark_config.get_config("tiny")
+  c.model.update(hidden_size=256, intermediate_size=768, vocab_size=2048, num_layers=2)
+  c.seq_len = 128
+  # Unrolled layers: XLA's cost analysis counts a while loop's body once, not per trip.
+  cfg = workload.model_config(c).replace(scan_layers=False)
+  spec = workload.lora_spec(c)
+  graphdef, base = llama.abstract_model(cfg)
+  adapter = jax.eval_shape(lambda: lora_lib.init_adapter(cfg, spec, jax.random.key(0)).params)
+  tokens = jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32)
+
+  def loss(params, base, tokens):
+    logits, _ = llama.forward(graphdef, base, [lora_lib.LoraAdapter(params, spec)], tokens)
+    return causal_lm_loss(logits, tokens, jnp.ones_like(tokens))[0]
+
+  compiled = jax.jit(jax.grad(loss)).lower(adapter, base, tokens).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  xla = analysis["flops"] / (c.batch_size * c.seq_len)
+  ours = flops.train_flops_per_token(cfg, spec, c.seq_len)
+  # XLA also counts elementwise work and the full (unmasked) attention square, so it is
+  # somewhat above the model-FLOP convention, never below it.
+  assert 1.0 <= xla / ours < 1.35, (xla, ours)
+
+
+def test_benchmark_smoke_end_to_end(tmp_path):
+  out = tmp_path / "results"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:tiny",
+       f"--workdir={tmp_path / 'work'}", f"--out={out}", "--name=smoke"],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  doc = json.loads((out / "smoke.json").read_text())
+  assert doc["errors"] == {}
+  assert set(doc["results"]) == {"jax", "torch_eager", "torch_compile"}
+  for framework, tasks in doc["results"].items():
+    want = {"train", "rounds"} | ({"generate"} if framework != "torch_compile" else set())
+    assert set(tasks) == want, framework
+    assert tasks["train"]["tokens_per_s"] > 0 and tasks["train"]["first_s"] > 0
+    assert tasks["train"]["memory"]["peak_mb"] > 0
+  rounds = doc["results"]["jax"]["rounds"]
+  for mode in ("vmap", "sequential"):
+    for k in doc["config"]["clients"]:
+      assert rounds[f"{mode}/K={k}"]["median_s"] > 0
+  assert doc["results"]["jax"]["device"]["device_count"] == 1  # forced host devices dropped
+  for name in ("jax", "torch", "measured_peak"):
+    assert doc["peak_matmul_flops"][name] > 0
+  assert all(isinstance(t["value"], float) and t["value"] > 0 for t in doc["targets"])
+  for key in ("python", "jax", "torch", "transformers", "peft"):
+    assert doc["software"][key]
+  table = (out / "smoke.md").read_text()
+  assert "| LoRA training, tokens/s |" in table and "| target |" in table
+  assert "train FLOPs/token = 4*N_matmul" in table
+  assert "round wall time K=2" in table
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.frameworks=(\"jax\",\"tensorflow\")", "unknown ['tensorflow']"),
+    ("--config.frameworks=(\"torch_eager\",)", "must include jax"),
+])
+def test_bad_benchmark_config_gives_one_error_line(tmp_path, override, needle):
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:tiny",
+       override, f"--workdir={tmp_path}", f"--out={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_unknown_shape_is_named():
+  with pytest.raises(ValueError, match="unknown benchmark shape 'huge'"):
+    benchmark_config.get_config("huge")
+
+
+@pytest.mark.parametrize("shape", ["llama3_2_1b", "llama3_8b"])
+def test_paper_configs_pass_validation_with_the_paper_settings(shape):
+  from configs import paper
+  from fedjax_lora import experiment
+  c = paper.get_config(shape)
+  experiment.check_config(c)
+  assert (c.lora.rank, c.lora.alpha, c.client.learning_rate) == (16, 64.0, 2e-4)
+  assert (c.run.batch_size, c.run.epochs, c.run.rounds, c.data.max_length) == (4, 2, 3, 800)
+  assert len(c.lora.targets.split(",")) == 7 and c.model.dtype == "bfloat16"
