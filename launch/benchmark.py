@@ -122,7 +122,8 @@ def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
   config_path.write_text(c.to_json_best_effort(indent=2))
   setup, error = _spawn("jax/setup", config_path, workdir)
   if error:
-    raise RuntimeError(f"could not create the benchmark checkpoint: {error}")
+    print(f"error: could not create the benchmark checkpoint: {error}", file=sys.stderr)
+    sys.exit(1)
   results, errors_by_task, devices = {}, {}, {"jax": setup["device"]}
   peaks = {}
   for framework in c.frameworks:
@@ -190,15 +191,17 @@ def main(argv):
     return
   unknown = [f for f in c.frameworks if f not in ("jax", "torch_eager", "torch_compile")]
   if unknown:
-    raise ValueError(f"--config.frameworks: unknown {unknown}; expected jax, torch_eager, "
-                     "torch_compile")
+    raise app.UsageError(f"--config.frameworks: unknown {unknown}; expected jax, torch_eager, "
+                         "torch_compile")
   if "jax" not in c.frameworks:
-    raise ValueError("--config.frameworks must include jax (the ratios are against it)")
+    raise app.UsageError("--config.frameworks must include jax (the ratios are against it)")
   workdir = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="fedjax_bench_"))
   workdir.mkdir(parents=True, exist_ok=True)
   doc = orchestrate(c, workdir, Path(_OUT.value), _NAME.value)
   if doc["errors"]:
-    raise RuntimeError(f"{len(doc['errors'])} measurement(s) failed: {sorted(doc['errors'])}")
+    print(f"error: {len(doc['errors'])} measurement(s) failed: {sorted(doc['errors'])}; "
+          f"worker logs in {workdir / 'workers'}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

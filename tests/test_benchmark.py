@@ -63,7 +63,7 @@ def test_benchmark_smoke_end_to_end(tmp_path):
   for mode in ("vmap", "sequential"):
     for k in doc["config"]["clients"]:
       assert rounds[f"{mode}/K={k}"]["median_s"] > 0
-  assert doc["results"]["jax"]["device"]["device_count"] == 1  # forced host devices dropped
+  assert doc["results"]["jax"]["train"]["device"]["device_count"] == 1  # forced host devices dropped
   for name in ("jax", "torch", "measured_peak"):
     assert doc["peak_matmul_flops"][name] > 0
   assert all(isinstance(t["value"], float) and t["value"] > 0 for t in doc["targets"])
