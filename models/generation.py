@@ -71,6 +71,19 @@ def generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, 
                    temperature=temperature, rng=rng, pad_id=pad_id)
 
 
+def greedy_token(logits):
+  """argmax over the vocabulary (first index of the maximum), as a max and a min.
+
+  XLA:CPU lowers `jnp.argmax` to a (value, index) reduction that took 1.07 ms for
+  [16, 32000] against 0.21 ms for these two plain reductions, at every decoding step.
+  Non-finite rows (a broken model) map to the last token id rather than NaN's index.
+  """
+  vocab = logits.shape[-1]
+  best = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == best, jnp.arange(vocab), vocab), axis=-1)
+  return jnp.minimum(first, vocab - 1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "graphdef", "max_new_tokens", "eos_ids",
                                              "sample"))
 def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens,
@@ -86,7 +99,7 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
   def choose(last_logits, key):
     if sample:
       return jax.random.categorical(key, last_logits / temperature, axis=-1).astype(jnp.int32)
-    return jnp.argmax(last_logits, axis=-1).astype(jnp.int32)
+    return greedy_token(last_logits)
 
   # Each row's last real prompt token (column P-1 under left padding).
   last_real = jnp.max(jnp.where(prompt_mask.astype(jnp.bool_), jnp.arange(P)[None], 0), axis=1)

@@ -242,10 +242,13 @@ def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_inde
   v = checkpoint_name(proj(normed, "v_proj"), "value").reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
   q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
   if cache is not None:
-    at = (layer_idx, 0, cache_index, 0, 0)
-    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
-             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
-    k, v = cache["k"][layer_idx].astype(dt), cache["v"][layer_idx].astype(dt)
+    # Cache slots are stored [B, kv, hd, S], the layout XLA's attention dots read, so a
+    # decoding step reads them in place instead of transposing every layer's cache.
+    at = (layer_idx, 0, 0, 0, cache_index)
+    put = lambda c, x: jax.lax.dynamic_update_slice(
+        c, jnp.transpose(x, (0, 2, 3, 1))[None].astype(c.dtype), at)
+    cache = {"k": put(cache["k"], k), "v": put(cache["v"], v)}
+    k, v = (jnp.transpose(cache[n][layer_idx], (0, 3, 1, 2)).astype(dt) for n in ("k", "v"))
   attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
   attn = checkpoint_name(attn.reshape(B, T, cfg.num_heads * cfg.head_dim), "attn_out")
   h = h + checkpoint_name(proj(attn, "o_proj"), "attn_proj")
@@ -298,8 +301,8 @@ def lm_head(graphdef: nnx.GraphDef, base_params: dict, hidden):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> dict:
-  """Empty KV cache: k, v [L, B, S, kv_heads, head_dim], per-slot validity and write index."""
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  """Empty KV cache: k, v [L, B, kv_heads, head_dim, S], per-slot validity and write index."""
+  shape = (config.num_layers, batch, config.num_kv_heads, config.head_dim, max_len)
   dtype = dtype or config.jnp_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
           "valid": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
