@@ -83,8 +83,11 @@ def run_worker(spec: str, c, workdir: Path) -> dict:
 
 
 # ---- orchestration -------------------------------------------------------------------------
-def _worker_env() -> dict:
+def _worker_env(scratch: Path) -> dict:
   env = dict(os.environ)
+  # A cold torch.compile in every worker, as JAX compiles from scratch (no persistent cache).
+  env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor_cache")
+  env["TRITON_CACHE_DIR"] = str(scratch / "triton_cache")
   # One device per worker: drop a forced host device count (e.g. from the test setup).
   flags_value = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                        env.get("XLA_FLAGS", "")).strip()
@@ -103,7 +106,7 @@ def _spawn(spec: str, config_path: Path, workdir: Path) -> tuple[dict | None, st
          f"--config={REPO / 'configs' / 'benchmark_resolved.py'}:{config_path}",
          f"--workdir={workdir}", f"--out={out}"]
   with open(log, "w") as err:
-    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(), stderr=err)
+    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(out.with_suffix("")), stderr=err)
   if proc.returncode != 0 or not out.is_file():
     tail = [l for l in log.read_text().splitlines() if l.strip()][-3:]
     return None, " | ".join(tail) or f"exit status {proc.returncode}"
