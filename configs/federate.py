@@ -2,7 +2,7 @@
 
 Runs in a few minutes on 2 CPU cores. For the paper's setting use a real checkpoint
 (`--config.model.path=DIR`), `--config.data=configs/data_five_sites.py`-style data,
-r=16, alpha=64 and lr 2e-4 (configs/paper_*.py arrive with the benchmark issue).
+r=16, alpha=64 and lr 2e-4: `--config=configs/paper.py:llama3_2_1b` sets all of it.
 Every field can be overridden: `--config.algorithm=fedmedlora_plus --config.run.rounds=5`.
 """
 

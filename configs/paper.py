@@ -9,9 +9,9 @@ the real five-site plan, at Llama-3.2-1B or Llama-3.1-8B shapes.
 LoRA r=16, alpha=64 on all seven projections; AdamW lr 2e-4 with 5% linear warmup and
 cosine decay; batch 4 of at most 800 tokens; 2 local epochs; 3 rounds; bf16 base with
 float32 adapters and optimizer state. Without `config.model.path` the base is random
-weights of the chosen shape (throughput and memory checks only); with it, the
-checkpoint's own config.json decides the shape and its tokenizer should be used
-(`config.data.tokenizer`).
+weights with the chosen layer shapes but the data tokenizer's vocabulary (LLaMA-2's
+32000, not Llama-3's 128256) and default RoPE, untied: for memory and throughput checks
+of the layers only. With it, the checkpoint's own config.json decides everything.
 """
 
 import ml_collections

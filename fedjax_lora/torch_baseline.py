@@ -49,6 +49,9 @@ class TorchFederation:
                attn_implementation: str = "sdpa"):
     if set(client.train_factors) != {"a", "b"} or client.prox_mu or client.scaffold:
       raise ValueError("the PyTorch baseline implements plain FedAvg clients only")
+    if spec.dropout:
+      raise ValueError("the JAX client trains without LoRA dropout; so does its baseline "
+                       f"(got dropout={spec.dropout})")
     self.spec, self.client, self.device = spec, client, torch.device(device)
     base = transformers.LlamaForCausalLM.from_pretrained(
         str(model_dir), dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
@@ -58,7 +61,9 @@ class TorchFederation:
         layers_to_transform=None if spec.layers is None else list(spec.layers),
         task_type="CAUSAL_LM")
     self.model = peft.get_peft_model(base, lora_config).to(self.device)
-    # LoRA factors stay float32 like ours (peft's autocast_adapter_dtype default).
+    # LoRA factors are stored float32 like ours (peft's autocast_adapter_dtype default).
+    # With a bf16 base peft also computes the LoRA path in float32, where the JAX side
+    # computes it in bf16: a little more work for the baseline in bf16 runs.
     self.model.train()
     self.num_layers = base.config.num_hidden_layers
     self.vocab_size = base.config.vocab_size
@@ -92,14 +97,10 @@ class TorchFederation:
     return {t: {f: torch.stack([self._factors[(t, l, f)].detach().T for l in layers]).clone()
                 for f in ("a", "b")} for t in self.spec.targets}
 
-  def get_adapter(self) -> dict:
-    return {t: {f: v.float().cpu().numpy() for f, v in ab.items()}
-            for t, ab in self.adapter_tensors().items()}
-
   # ---- training --------------------------------------------------------------------------
   def _loss_sum(self, micro: dict) -> "torch.Tensor":
-    logits = self.forward(input_ids=micro["tokens"],
-                          attention_mask=micro["attention_mask"]).logits
+    logits = self.forward(input_ids=micro["tokens"], attention_mask=micro["attention_mask"],
+                          use_cache=False).logits
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         micro["tokens"][:, 1:].reshape(-1), reduction="none")
@@ -111,12 +112,14 @@ class TorchFederation:
     opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2),
                             eps=cfg.eps, weight_decay=cfg.weight_decay)
     total = int(np.sum(step_mask))
+    if not np.all(np.asarray(step_mask)[:total]):
+      raise ValueError("masked (padding) steps must come after a client's real steps")
     tensors = {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batches.items()}
     tensors["tokens"] = tensors["tokens"].long()
     tensors["attention_mask"] = tensors["attention_mask"].long()
     tensors["loss_mask"] = tensors["loss_mask"].float()
     loss_sum, token_sum = 0.0, 0.0
-    for i in range(total):  # masked steps sit at the end of a client's plan
+    for i in range(total):  # the masked steps at the end are skipped, not run
       count = tensors["loss_mask"][i][:, :, 1:].sum()
       denom = torch.clamp(count, min=1.0)
       step_loss = 0.0

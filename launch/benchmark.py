@@ -35,7 +35,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory for the random checkpoint "
                                "and worker outputs (default: a new temporary directory).")
 _OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
-                           "Directory for NAME.json and NAME.md.")
+                           "Directory for NAME.json and NAME.md (a worker: its JSON file).")
 _NAME = flags.DEFINE_string("name", None, "Result file stem (default: SHAPE_DEVICE).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: FRAMEWORK/TASK to run in this process.")
 
@@ -83,8 +83,12 @@ def run_worker(spec: str, c, workdir: Path) -> dict:
 
 
 # ---- orchestration -------------------------------------------------------------------------
-def _worker_env(scratch: Path) -> dict:
+def _worker_env(spec: str, scratch: Path) -> dict:
   env = dict(os.environ)
+  if spec.startswith("torch"):
+    # Torch workers use JAX only on the host (configs, the adapter init): keep it off the
+    # accelerator so that it neither takes memory from torch nor preallocates a pool.
+    env["JAX_PLATFORMS"] = "cpu"
   # A cold torch.compile in every worker, as JAX compiles from scratch (no persistent cache).
   env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor_cache")
   env["TRITON_CACHE_DIR"] = str(scratch / "triton_cache")
@@ -106,7 +110,8 @@ def _spawn(spec: str, config_path: Path, workdir: Path) -> tuple[dict | None, st
          f"--config={REPO / 'configs' / 'benchmark_resolved.py'}:{config_path}",
          f"--workdir={workdir}", f"--out={out}"]
   with open(log, "w") as err:
-    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(out.with_suffix("")), stderr=err)
+    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(spec, out.with_suffix("")),
+                          stderr=err)
   if proc.returncode != 0 or not out.is_file():
     tail = [l for l in log.read_text().splitlines() if l.strip()][-3:]
     return None, " | ".join(tail) or f"exit status {proc.returncode}"
@@ -119,6 +124,36 @@ def _device_slug(device: dict) -> str:
   return re.sub(r"[^a-z0-9]+", "-", device.get("device_kind", "device").lower()).strip("-")
 
 
+def _run_workers(c, config_path: Path, workdir: Path):
+  """(results by framework and task, errors by worker, devices, peak matmul FLOP/s)."""
+  results, failed, devices, peaks = {}, {}, {}, {}
+  for framework in c.frameworks:
+    for task in TASKS:
+      if task == "generate" and framework == "torch_compile":
+        continue  # generation is compared against transformers' own generate
+      result, error = _spawn(f"{framework}/{task}", config_path, workdir)
+      if error:
+        failed[f"{framework}/{task}"] = error
+        print(f"[{framework}/{task}] FAILED: {error}", flush=True)
+        continue
+      results.setdefault(framework, {})[task] = result
+      devices["jax" if framework == "jax" else "torch"] = result["device"]
+      if "peak_matmul_flops" in result:
+        side = "jax" if framework == "jax" else "torch"
+        peaks[side] = max(peaks.get(side, 0.0), result["peak_matmul_flops"])
+  return results, failed, devices, peaks
+
+
+def _same_device(devices: dict) -> str | None:
+  """Why the two frameworks' figures are not comparable, or None."""
+  jax_platform = devices.get("jax", {}).get("platform")
+  torch_device = devices.get("torch", {}).get("device")
+  if jax_platform and torch_device and (jax_platform == "cpu") != (torch_device == "cpu"):
+    return (f"JAX ran on {jax_platform} but torch on {torch_device}; install both for the "
+            "same device or set --config.device")
+  return None
+
+
 def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
   from fedjax_lora.bench import flops, report, workload
   config_path = workdir / "config.json"
@@ -127,22 +162,11 @@ def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
   if error:
     print(f"error: could not create the benchmark checkpoint: {error}", file=sys.stderr)
     sys.exit(1)
-  results, errors_by_task, devices = {}, {}, {"jax": setup["device"]}
-  peaks = {}
-  for framework in c.frameworks:
-    tasks = [t for t in TASKS if not (t == "generate" and framework == "torch_compile")]
-    for task in tasks:
-      result, error = _spawn(f"{framework}/{task}", config_path, workdir)
-      if error:
-        errors_by_task[f"{framework}/{task}"] = error
-        print(f"[{framework}/{task}] FAILED: {error}", flush=True)
-        continue
-      results.setdefault(framework, {})[task] = result
-      if framework.startswith("torch"):
-        devices["torch"] = result["device"]
-      if "peak_matmul_flops" in result:
-        peaks["jax" if framework == "jax" else "torch"] = max(
-            peaks.get("jax" if framework == "jax" else "torch", 0.0), result["peak_matmul_flops"])
+  results, failed, devices, peaks = _run_workers(c, config_path, workdir)
+  devices.setdefault("jax", setup["device"])
+  mismatch = _same_device(devices)
+  if mismatch:
+    failed["device"] = mismatch
   cfg, spec = workload.model_config(c), workload.lora_spec(c)
   g = c.generate
   doc = {
@@ -158,16 +182,16 @@ def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
           "train_formula": flops.TRAIN_FORMULA, "decode_formula": flops.DECODE_FORMULA,
           "matmul_params": flops.matmul_params(cfg), "lora_params": flops.lora_params(cfg, spec)},
       "peak_matmul_flops": {**peaks, "measured_peak": max(peaks.values()) if peaks else None},
-      "nominal_peak_flops": report.nominal_peak(devices["jax"].get("device_kind", "")),
+      "nominal_peak_flops": report.nominal_peak(devices["jax"].get("device_kind", ""), c.dtype),
       "results": results,
-      "errors": errors_by_task,
+      "errors": failed,
   }
-  if doc["peak_matmul_flops"]["measured_peak"]:
+  if doc["peak_matmul_flops"]["measured_peak"] and not mismatch:
     report.summarize(doc)
   name = name or f"{c.shape}_{_device_slug(devices['jax'])}"
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-  table = report.markdown(doc) if "targets" in doc else "no peak measured; see the JSON\n"
+  table = report.markdown(doc) if "targets" in doc else "no comparable figures; see the JSON\n"
   (out_dir / f"{name}.md").write_text(table)
   print(table)
   print(f"wrote {out_dir / name}.json and .md", flush=True)

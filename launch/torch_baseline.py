@@ -46,6 +46,9 @@ def main(argv):
   if config.algorithm != "fedavg":
     raise app.UsageError(f"--config.algorithm={config.algorithm}: the PyTorch baseline runs "
                          "fedavg only")
+  if config.keep_optimizer_state:
+    raise app.UsageError("--config.keep_optimizer_state: the PyTorch baseline starts a fresh "
+                         "AdamW every round, as the paper does")
   log = lambda s: print(s, file=sys.stderr, flush=True)
   workdir = Path(_WORKDIR.value)
   workdir.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def greedy_token(logits):
 
   XLA:CPU lowers `jnp.argmax` to a (value, index) reduction that took 1.07 ms for
   [16, 32000] against 0.21 ms for these two plain reductions, at every decoding step.
-  Non-finite rows (a broken model) map to the last token id rather than NaN's index.
+  A row holding NaN (a broken model) maps to the last token id rather than NaN's index.
   """
   vocab = logits.shape[-1]
   best = jnp.max(logits, axis=-1, keepdims=True)
@@ -109,6 +109,10 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
   done = jnp.isin(first, eos)
   lengths = jnp.ones((B,), jnp.int32)
 
+  # On CPU, split the stacked weights once (an extra copy of them while decoding) rather
+  # than copying every layer's slice at every step; other backends slice in place.
+  layer_weights = llama.unstack_layers(params) if jax.default_backend() == "cpu" else None
+
   def cond(state):
     step, _, _, done, _, _ = state
     return (step < max_new_tokens) & ~jnp.all(done)
@@ -127,9 +131,6 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
     done = done | jnp.isin(nxt, eos)
     return step + 1, cache, out, done, lengths, rng
 
-  # On CPU, split the stacked weights once (an extra copy of them while decoding) rather
-  # than copying every layer's slice at every step; other backends slice in place.
-  layer_weights = llama.unstack_layers(params) if jax.default_backend() == "cpu" else None
   state = (jnp.array(1, jnp.int32), cache, out, done, lengths, rng)
   _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, state)
   return out, lengths

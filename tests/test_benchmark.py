@@ -45,6 +45,8 @@ def test_train_flops_formula_matches_xla_cost_analysis():
 
 
 def test_benchmark_smoke_end_to_end(tmp_path):
+  pytest.importorskip("torch", reason="the benchmark's baseline needs the [torch] extra")
+  pytest.importorskip("peft", reason="the benchmark's baseline needs the [torch] extra")
   out = tmp_path / "results"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:tiny",
@@ -102,3 +104,55 @@ def test_paper_configs_pass_validation_with_the_paper_settings(shape):
   assert (c.lora.rank, c.lora.alpha, c.client.learning_rate) == (16, 64.0, 2e-4)
   assert (c.run.batch_size, c.run.epochs, c.run.rounds, c.data.max_length) == (4, 2, 3, 800)
   assert len(c.lora.targets.split(",")) == 7 and c.model.dtype == "bfloat16"
+
+
+def _fake_doc(platform="cpu"):
+  """Worker results with known answers: JAX trains 2x eager, its round is 2.5x faster."""
+  c = benchmark_config.get_config("tiny").to_dict()
+  c["clients"], c["modes"] = [1, 2], ["vmap", "sequential"]
+  memory = lambda mb: {"kind": "host", "peak_mb": mb}
+  rounds = lambda t1, t2, modes: {f"{m}/K={k}": {"median_s": t * (1.5 if m == "vmap" else 1)}
+                                   for m in modes for k, t in ((1, t1), (2, t2))}
+  results = {
+      "jax": {"train": {"tokens_per_s": 200.0, "first_s": 5.0, "memory": memory(100.0)},
+              "rounds": {**rounds(1.0, 2.0, ("vmap", "sequential")), "memory": memory(300.0)},
+              "generate": {"new_tokens_per_s": 90.0, "memory": memory(50.0)}},
+      "torch_eager": {"train": {"tokens_per_s": 100.0, "first_s": 1.0, "memory": memory(200.0)},
+                      "rounds": {**rounds(2.5, 5.0, ("sequential",)), "memory": memory(150.0)},
+                      "generate": {"new_tokens_per_s": 30.0, "memory": memory(60.0)}},
+      "torch_compile": {"train": {"tokens_per_s": 250.0, "first_s": 20.0, "memory": memory(200.0)},
+                        "rounds": {**rounds(2.0, 4.0, ("sequential",)), "memory": memory(150.0)}},
+  }
+  return {"date": "today", "config": c, "results": results, "errors": {},
+          "device": {"jax": {"platform": platform, "device_kind": "cpu"}},
+          "flops": {"train_per_token": 1e6, "train_formula": "4N"},
+          "peak_matmul_flops": {"jax": 4e8, "torch": 2e8, "measured_peak": 4e8},
+          "nominal_peak_flops": None}
+
+
+def test_report_ratios_point_the_right_way_and_targets_are_checked():
+  from fedjax_lora.bench import report
+  doc = report.summarize(_fake_doc())
+  assert doc["ratios"]["train_jax_over_torch_eager"] == pytest.approx(2.0)
+  assert doc["ratios"]["train_jax_over_torch_compile"] == pytest.approx(0.8)
+  # Sequential JAX rounds (2.0 s) beat vmapped ones (3.0 s): the target uses the faster mode.
+  assert doc["round_jax_mode"] == "sequential"
+  assert doc["ratios"]["round_K2_torch_eager_over_jax"] == pytest.approx(2.5)
+  assert doc["ratios"]["generate_jax_over_hf"] == pytest.approx(3.0)
+  assert doc["utilisation"]["jax"]["fraction_of_measured_peak"] == pytest.approx(0.5)
+  met = [t["met"] for t in doc["targets"]]
+  assert met == [True, False, True, True, False]
+  assert doc["targets"][1]["shortfall"] == pytest.approx(0.2)
+  table = report.markdown(doc)
+  assert "| LoRA training, tokens/s | 200 | 100 | 250 | 2x | 0.8x |" in table
+  # Lower-is-better rows invert: JAX's 1 s round against torch's 2.5 s is 2.5x in JAX's favour.
+  assert "| round wall time K=1, s (JAX sequential clients) | 1 | 2.5 | 2 | 2.5x | 2x |" in table
+  assert "| peak memory, MB (train) | 100 | 200 | 200 | 2x | 2x |" in table
+  assert "missed by 20%" in table and "missed by 17%" in table
+
+
+def test_nominal_peak_needs_bf16_and_a_whole_device_name():
+  from fedjax_lora.bench import report
+  assert report.nominal_peak("NVIDIA H200", "bfloat16") == 989e12
+  assert report.nominal_peak("NVIDIA H200", "float32") is None
+  assert report.nominal_peak("NVIDIA L40S", "bfloat16") is None

@@ -11,6 +11,7 @@ from fedjax_lora.data import prepare
 from tests.test_federation import QUIET, small_config
 
 torch = pytest.importorskip("torch", reason="the baseline needs the [torch] extra")
+pytest.importorskip("peft", reason="the baseline needs the [torch] extra")
 from fedjax_lora import torch_baseline  # noqa: E402  (after the importorskip)
 from fedjax_lora.client import ClientConfig  # noqa: E402
 
@@ -25,14 +26,20 @@ def test_lr_factor_matches_the_jax_schedule():
       assert torch_baseline.lr_factor(cfg, step, total) == pytest.approx(want, abs=1e-6)
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_one_round_matches_the_jax_simulator(tmp_path, hf_llama, accumulation):
+@pytest.mark.parametrize("accumulation, weight_decay, grad_clip", [
+    (1, 0.0, 1.0),
+    (2, 0.0, 1.0),
+    (1, 0.1, 1e-3),   # decoupled weight decay, and a clip that binds at every step
+])
+def test_one_round_matches_the_jax_simulator(tmp_path, hf_llama, accumulation, weight_decay,
+                                             grad_clip):
   # A 2-layer checkpoint saved by transformers; the vocabulary covers the synthetic BPE tokenizer.
   model_dir, _ = hf_llama(vocab_size=1024, hidden_size=32, intermediate_size=64,
                           num_attention_heads=4, num_key_value_heads=2)
   config = small_config(**{"model.path": str(model_dir), "run.accumulation": accumulation,
                            "run.epochs": 2, "client.learning_rate": 3e-2,
-                           "client.warmup_fraction": 0.3})
+                           "client.warmup_fraction": 0.3,
+                           "client.weight_decay": weight_decay, "client.grad_clip": grad_clip})
   data = prepare.prepare(config.data, None, log=QUIET)
   fed = experiment.build(config, None, log=QUIET, mesh=mesh_lib.make_mesh(1, 1), data=data)
   start = jax.tree.map(np.asarray, fed.state["global"])
@@ -56,9 +63,11 @@ def test_one_round_matches_the_jax_simulator(tmp_path, hf_llama, accumulation):
   np.testing.assert_allclose(torch_losses, [row["train_loss"][n] for n in names], rtol=1e-4)
 
 
-def test_baseline_rejects_algorithms_it_does_not_implement(hf_llama):
+def test_baseline_rejects_what_it_does_not_implement(hf_llama):
   model_dir, _ = hf_llama()
   from models.lora import LoraSpec
   with pytest.raises(ValueError, match="plain FedAvg"):
     torch_baseline.TorchFederation(model_dir, LoraSpec(rank=2),
                                    ClientConfig(train_factors=("b",)))
+  with pytest.raises(ValueError, match="without LoRA dropout"):
+    torch_baseline.TorchFederation(model_dir, LoraSpec(rank=2, dropout=0.1), ClientConfig())

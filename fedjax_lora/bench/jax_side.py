@@ -1,5 +1,5 @@
-"""JAX measurements: a client's local training, whole rounds (vmapped or sequential
-clients), batched greedy generation and the peak matmul rate, on the first device."""
+"""The JAX side of the benchmark, written as a user would run it: jitted calls on the
+first device, host inputs passed in, results blocked on before the clock stops."""
 
 from __future__ import annotations
 
@@ -51,19 +51,17 @@ def _load(c, workdir):
 def train(c, workdir) -> dict:
   """Tokens/s of one client's local training: `steps` fused steps in one compiled call."""
   cfg, graphdef, base, spec, adapter = _load(c, workdir)
+  # Host batches go in with every call, as the torch side converts its own.
   batches, mask = workload.client_batches(c, cfg.vocab_size, 0)
-  batches = jax.device_put(batches)
   step = jax.jit(lambda base, params, batches, mask: client_update(
       graphdef, base, {"global": params}, {"global": spec}, batches, mask, None,
       ClientConfig()))
   before = memory.rss_mb()
-  result = {}
   stats = first_and_repeats(
       lambda: jax.block_until_ready(step(base, adapter, batches, mask)), c.repeats)
-  result.update(stats)
-  result["tokens_per_s"] = workload.trained_flops_tokens(c) / stats["median_s"]
-  result["memory"] = _memory(before)
-  return result
+  stats["tokens_per_s"] = workload.client_round_tokens(c) / stats["median_s"]
+  stats["memory"] = _memory(before)
+  return stats
 
 
 def rounds(c, workdir) -> dict:
@@ -80,7 +78,7 @@ def rounds(c, workdir) -> dict:
       batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in clients])
       mask = np.stack([m for _, m in clients])
       keys = jax.random.split(jax.random.key(0), k)
-      counts = np.full(k, float(workload.trained_flops_tokens(c)), np.float32)
+      counts = np.full(k, float(workload.client_round_tokens(c)), np.float32)
       state = {"global": adapter, "server": aggregator.init(adapter)}
 
       def one_round():
@@ -89,7 +87,7 @@ def rounds(c, workdir) -> dict:
         return jax.block_until_ready((new_state, metrics))
 
       stats = first_and_repeats(one_round, c.repeats)
-      stats["tokens_per_s"] = k * workload.trained_flops_tokens(c) / stats["median_s"]
+      stats["tokens_per_s"] = k * workload.client_round_tokens(c) / stats["median_s"]
       out[f"{mode}/K={k}"] = stats
       print(f"  jax {mode} K={k}: {stats['median_s']:.3f} s per round "
             f"(first {stats['first_s']:.2f} s)", flush=True)

@@ -1,5 +1,6 @@
-"""PyTorch measurements with `fedjax_lora.torch_baseline` (transformers + peft), eager or
-`torch.compile`d, on the same checkpoint, adapter init and batches as the JAX side."""
+"""The PyTorch side of the benchmark: the peers' stack (transformers + peft), eager or
+`torch.compile`d, fed the same checkpoint, adapter init and batches as the JAX side so
+that the ratios compare implementations, not workloads."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def train(c, workdir, compile: bool) -> dict:
     fed.train_client(batches, mask)
     _sync(c)
   stats = first_and_repeats(one_client, c.repeats)
-  stats["tokens_per_s"] = workload.trained_flops_tokens(c) / stats["median_s"]
+  stats["tokens_per_s"] = workload.client_round_tokens(c) / stats["median_s"]
   stats["memory"] = _memory(c, before)
   return stats
 
@@ -83,13 +84,13 @@ def rounds(c, workdir, compile: bool) -> dict:
   before = memory.rss_mb()
   for k in c.clients:
     clients = workload.round_batches(c, cfg.vocab_size, k)
-    counts = np.full(k, float(workload.trained_flops_tokens(c)))
+    counts = np.full(k, float(workload.client_round_tokens(c)))
 
     def one_round():
       fed.run_round(start, clients, counts)
       _sync(c)
     stats = first_and_repeats(one_round, c.repeats)
-    stats["tokens_per_s"] = k * workload.trained_flops_tokens(c) / stats["median_s"]
+    stats["tokens_per_s"] = k * workload.client_round_tokens(c) / stats["median_s"]
     out[f"sequential/K={k}"] = stats
     print(f"  torch{' compiled' if compile else ''} K={k}: {stats['median_s']:.3f} s per round "
           f"(first {stats['first_s']:.2f} s)", flush=True)

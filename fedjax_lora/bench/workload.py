@@ -1,5 +1,6 @@
-"""The benchmark's shared inputs: a model checkpoint on disk and seeded random batches,
-so every framework reads the same weights and the same tokens."""
+"""The benchmark's shared inputs: a model checkpoint on disk and seeded random batches.
+Every worker process rebuilds them from the config, so each framework reads the same
+weights and the same tokens without passing arrays between processes."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def prompts(c, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
   return tokens, np.ones_like(tokens, dtype=bool)
 
 
-def trained_flops_tokens(c) -> int:
+def client_round_tokens(c) -> int:
   """Tokens one client processes in a round (every position is a real token)."""
   return c.steps * c.batch_size * c.seq_len
 
