@@ -132,12 +132,9 @@ def test_right_padding_gives_the_same_tokens_as_left_padding(sharp_model):
 
 
 def test_greedy_token_is_argmax_with_ties_to_the_first_index():
-  import jax.numpy as jnp
-  import numpy as np
-  from models.generation import greedy_token
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(32, 50)).astype(np.float32)
   logits[3, [7, 9, 40]] = 10.0                           # a three-way tie at the maximum
   logits[5] = -1.0                                        # all equal
-  np.testing.assert_array_equal(np.asarray(greedy_token(jnp.asarray(logits))),
+  np.testing.assert_array_equal(np.asarray(generation.greedy_token(jnp.asarray(logits))),
                                 np.argmax(logits, axis=-1))
