@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 

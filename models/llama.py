@@ -248,8 +248,8 @@ def _decoder_layer(cfg: LlamaConfig, h, x, lora_meta, mask, cos, sin, cache_inde
     # Cache slots are stored [B, kv, hd, S], the layout XLA's attention dots read, so a
     # decoding step reads them in place instead of transposing every layer's cache.
     at = (layer_idx, 0, 0, 0, cache_index)
-    put = lambda c, x: jax.lax.dynamic_update_slice(
-        c, jnp.transpose(x, (0, 2, 3, 1))[None].astype(c.dtype), at)
+    put = lambda slots, new: jax.lax.dynamic_update_slice(
+        slots, jnp.transpose(new, (0, 2, 3, 1))[None].astype(slots.dtype), at)
     cache = {"k": put(cache["k"], k), "v": put(cache["v"], v)}
     k, v = (jnp.transpose(cache[n][layer_idx], (0, 3, 1, 2)).astype(dt) for n in ("k", "v"))
   attn = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)

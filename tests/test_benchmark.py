@@ -2,7 +2,6 @@
 launcher (JAX, torch eager, torch.compile workers) runs end to end on the tiny shape."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
