@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -39,20 +40,10 @@ _NAME = flags.DEFINE_string("name", None, "Result file stem (default: SHAPE_DEVI
 _WORKER = flags.DEFINE_string("worker", None, "Internal: FRAMEWORK/TASK to run in this process.")
 
 TASKS = ("train", "rounds", "generate")
+CONFIG_FILE = "config.json"  # the resolved config, in the workdir, for the workers
 
 
 # ---- worker side ---------------------------------------------------------------------------
-def _versions() -> dict:
-  import importlib.metadata as md
-  out = {"python": platform.python_version(), "platform": platform.platform()}
-  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
-    try:
-      out[pkg] = md.version(pkg)
-    except md.PackageNotFoundError:
-      out[pkg] = None
-  return out
-
-
 def run_worker(spec: str, c, workdir: Path) -> dict:
   framework, task = spec.split("/")
   if framework == "jax":
@@ -82,6 +73,17 @@ def run_worker(spec: str, c, workdir: Path) -> dict:
 
 
 # ---- orchestration -------------------------------------------------------------------------
+def _versions() -> dict:
+  import importlib.metadata as md
+  out = {"python": platform.python_version(), "platform": platform.platform()}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      out[pkg] = None
+  return out
+
+
 def _worker_env(spec: str, scratch: Path) -> dict:
   env = dict(os.environ)
   if spec.startswith("torch"):
@@ -100,14 +102,14 @@ def _worker_env(spec: str, scratch: Path) -> dict:
   return env
 
 
-def _spawn(spec: str, config_path: Path, workdir: Path) -> tuple[dict | None, str | None]:
+def _spawn(spec: str, workdir: Path) -> tuple[dict | None, str | None]:
   out = workdir / "workers" / (spec.replace("/", "__") + ".json")
   log = out.with_suffix(".stderr")
   out.parent.mkdir(parents=True, exist_ok=True)
   print(f"[{spec}] running", flush=True)
-  cmd = [sys.executable, "-m", "launch.benchmark", f"--worker={spec}",
-         f"--config={REPO / 'configs' / 'benchmark_resolved.py'}:{config_path}",
-         f"--workdir={workdir}", f"--out={out}"]
+  # The worker reads the resolved config from workdir/config.json.
+  cmd = [sys.executable, "-m", "launch.benchmark", f"--worker={spec}", f"--workdir={workdir}",
+         f"--out={out}"]
   with open(log, "w") as err:
     proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(spec, out.with_suffix("")),
                           stderr=err)
@@ -123,14 +125,14 @@ def _device_slug(device: dict) -> str:
   return re.sub(r"[^a-z0-9]+", "-", device.get("device_kind", "device").lower()).strip("-")
 
 
-def _run_workers(c, config_path: Path, workdir: Path):
+def _run_workers(c, workdir: Path):
   """(results by framework and task, errors by worker, devices, peak matmul FLOP/s)."""
   results, failed, devices, peaks = {}, {}, {}, {}
   for framework in c.frameworks:
     for task in TASKS:
       if task == "generate" and framework == "torch_compile":
         continue  # generation is compared against transformers' own generate
-      result, error = _spawn(f"{framework}/{task}", config_path, workdir)
+      result, error = _spawn(f"{framework}/{task}", workdir)
       if error:
         failed[f"{framework}/{task}"] = error
         print(f"[{framework}/{task}] FAILED: {error}", flush=True)
@@ -155,13 +157,12 @@ def _same_device(devices: dict) -> str | None:
 
 def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
   from fedjax_lora.bench import flops, report, workload
-  config_path = workdir / "config.json"
-  config_path.write_text(c.to_json_best_effort(indent=2))
-  setup, error = _spawn("jax/setup", config_path, workdir)
+  (workdir / CONFIG_FILE).write_text(c.to_json_best_effort(indent=2))
+  setup, error = _spawn("jax/setup", workdir)
   if error:
     print(f"error: could not create the benchmark checkpoint: {error}", file=sys.stderr)
     sys.exit(1)
-  results, failed, devices, peaks = _run_workers(c, config_path, workdir)
+  results, failed, devices, peaks = _run_workers(c, workdir)
   devices.setdefault("jax", setup["device"])
   mismatch = _same_device(devices)
   if mismatch:
@@ -212,7 +213,9 @@ def main(argv):
   del argv
   c = _CONFIG.value
   if _WORKER.value:
-    result = run_worker(_WORKER.value, c, Path(_WORKDIR.value))
+    workdir = Path(_WORKDIR.value)
+    c = ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
+    result = run_worker(_WORKER.value, c, workdir)
     Path(_OUT.value).write_text(json.dumps(result, indent=2))
     return
   unknown = [f for f in c.frameworks if f not in ("jax", "torch_eager", "torch_compile")]
