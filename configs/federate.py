@@ -50,7 +50,50 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(clients=0, fsdp=1))  # 0 = as many as divide evenly
   c.keep_optimizer_state = False  # the paper starts a fresh AdamW state every round
   c.eval = eval_config()
+  c.privacy = privacy_config()
+  c.security = security_config()
+  c.faults = faults_config()
   return c
+
+
+def privacy_config() -> ml_collections.ConfigDict:
+  """Differential privacy, accounted with dp_accounting (RDP); epsilon is logged every round."""
+  return ml_collections.ConfigDict(dict(
+      # Example-level DP-SGD inside every site: per-example gradients clipped to example_clip
+      # (0: off), Gaussian noise of std example_noise * example_clip on their sum. Give the
+      # noise multiplier, or example_target_epsilon to calibrate it for the planned rounds.
+      example_clip=0.0, example_noise=0.0, example_target_epsilon=0.0,
+      # Client-level DP-FedAvg (config.algorithm=dp_fedavg): each site's update clipped to
+      # client_clip, noise client_noise * client_clip / (expected clients) on the mean.
+      client_clip=1.0, client_noise=0.0, client_target_epsilon=0.0,
+      delta=1e-5,              # the delta of every reported (epsilon, delta)
+  ))
+
+
+def security_config() -> ml_collections.ConfigDict:
+  """What the server checks before aggregating (threat model: WORKSPACE.md)."""
+  return ml_collections.ConfigDict(dict(
+      # Ed25519 key per site (workdir/identity), every upload signed over (round, site id,
+      # update hash) and verified; hash-chain ledger workdir/ledger.jsonl (launch.audit).
+      ledger=True,
+      # Quarantine uploads whose update norm ||y_k - x|| exceeds this (0: no bound).
+      # Non-finite uploads are always quarantined.
+      max_update_norm=0.0,
+      # Simulated Bonawitz secure aggregation: the server learns only the weighted sum.
+      secure_aggregation=False, secagg_frac_bits=24,
+      secagg_threshold=0.5,    # more than this fraction of the round's clients must survive
+  ))
+
+
+def faults_config() -> ml_collections.ConfigDict:
+  """Faulty or malicious sites for experiments (fedjax_lora/faults.py)."""
+  return ml_collections.ConfigDict(dict(
+      # "site:kind,site:kind"; kinds: nan, inf, scale, sign_flip, label_flip, dropout,
+      # drop_after_masking (secure aggregation), unsigned, forged, replay (ledger).
+      sites="",
+      scale=100.0,             # the factor of "scale"
+      start_round=1,           # faults act from this round on
+  ))
 
 
 def eval_config() -> ml_collections.ConfigDict:

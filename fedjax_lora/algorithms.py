@@ -41,6 +41,7 @@ ALGORITHMS = {
     "median": Algorithm("median"),
     "trimmed_mean": Algorithm("trimmed_mean"),
     "norm_clip": Algorithm("norm_clip"),
+    "dp_fedavg": Algorithm("dp_fedavg"),  # client-level DP (config.privacy.client_*)
 }
 
 

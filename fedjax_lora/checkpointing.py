@@ -221,6 +221,21 @@ class RoundCheckpointer:
   def __exit__(self, *exc) -> None:
     self.close()
 
+  def set_aside(self, round: int, destination: str | os.PathLike) -> str:  # noqa: A002
+    """Moves round `round`'s directory out of the manager (a checkpoint that failed its
+    integrity check is kept for inspection, not deleted); returns where it went."""
+    self.wait()
+    source = os.path.join(self.directory, str(int(round)))
+    os.makedirs(destination, exist_ok=True)
+    target = os.path.join(os.fspath(destination), str(int(round)))
+    suffix = 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(os.fspath(destination), f"{int(round)}.{suffix}")
+    os.replace(source, target)
+    self._manager.reload()
+    return target
+
   # ---- queries ----------------------------------------------------------------------------------
   def all_rounds(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -238,6 +253,17 @@ class RoundCheckpointer:
     return step
 
   # ---- restoring --------------------------------------------------------------------------------
+  def restore_on_host(self, round: int) -> tuple[Any, dict]:  # noqa: A002
+    """Restores round `round` onto this process's first device, whatever mesh wrote it
+    (for audits and tools that have neither the run's config nor its devices)."""
+    step = self._resolve(round)
+    stored = self._manager.item_metadata(step)[STATE]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                         sharding=device),
+                          getattr(stored, "tree", stored))
+    return self.restore(step, target=target)
+
   def _resolve(self, round: int | None) -> int:  # noqa: A002
     rounds = self.all_rounds()
     if not rounds:

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lora import aggregators as agg_lib
+from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
-from fedjax_lora.client import ClientConfig
+from fedjax_lora.client import ClientConfig, steps_per_round
 from fedjax_lora.data import prepare
-from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SiteData
+from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SecurityConfig, SiteData
 from models import hf_checkpoint, llama
 from models.config import LlamaConfig
 from models.lora import LoraSpec
@@ -35,6 +36,93 @@ AGGREGATOR_OPTIONS = {
     "trimmed_mean": ("trim",),
     "norm_clip": ("max_norm",),
 }
+# Aggregators whose result is a weighted mean of the uploads (then a server step): the only
+# ones secure aggregation can serve, since the server learns nothing but that mean.
+SECAGG_COMPATIBLE = ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "dual_lora", "fedavgm",
+                     "fedadam", "fedyogi", "fedadagrad")
+SECAGG_WHY = {
+    "fedmedlora_plus": "it scores every site's adapter on the server validation set",
+    "median": "it takes coordinate-wise order statistics of individual updates",
+    "trimmed_mean": "it sorts individual updates per coordinate",
+    "norm_clip": "it needs each update's norm",
+    "dp_fedavg": "it clips each update on the server",
+    "scaffold": "it also aggregates individual control variates",
+    "flora": "it stacks individual factors", "flexlora": "it needs individual products",
+    "hetlora": "it weights sites by their own product norms",
+}
+
+
+def _group(config, name: str) -> dict:
+  """A config group as a dict of defaults + overrides (configs saved before it existed)."""
+  from configs import federate as defaults
+  base = getattr(defaults, f"{name}_config")().to_dict()
+  given = config.get(name)
+  return {**base, **(given.to_dict() if given is not None else {})}
+
+
+def _check_privacy(config, alg_name: str) -> None:
+  pv = _group(config, "privacy")
+  if not 0.0 < pv["delta"] < 1.0:
+    raise ConfigError(f"config.privacy.delta must be in (0, 1), got {pv['delta']}")
+  for prefix in ("example", "client"):
+    clip, noise, target = (pv[f"{prefix}_clip"], pv[f"{prefix}_noise"],
+                           pv[f"{prefix}_target_epsilon"])
+    if clip < 0 or noise < 0 or target < 0:
+      raise ConfigError(f"config.privacy.{prefix}_clip, {prefix}_noise and "
+                        f"{prefix}_target_epsilon must be >= 0")
+    if noise > 0 and target > 0:
+      raise ConfigError(f"config.privacy: set {prefix}_noise or {prefix}_target_epsilon, not "
+                        "both (the target decides the noise)")
+  if (pv["example_noise"] > 0 or pv["example_target_epsilon"] > 0) and not pv["example_clip"]:
+    raise ConfigError("config.privacy.example_clip must be > 0 for DP-SGD noise (it sets the "
+                      "sensitivity)")
+  client_dp = pv["client_noise"] > 0 or pv["client_target_epsilon"] > 0
+  if client_dp and alg_name != "dp_fedavg":
+    raise ConfigError("config.privacy.client_noise / client_target_epsilon apply to "
+                      f"config.algorithm=dp_fedavg only, not {alg_name}")
+  if alg_name == "dp_fedavg" and not pv["client_clip"] > 0:
+    raise ConfigError("config.algorithm=dp_fedavg needs config.privacy.client_clip > 0")
+
+
+def _check_security(config, alg_name: str, sites: list[str]) -> None:
+  sec, ft = _group(config, "security"), _group(config, "faults")
+  if sec["max_update_norm"] < 0:
+    raise ConfigError(f"config.security.max_update_norm must be >= 0, got "
+                      f"{sec['max_update_norm']}")
+  if not 0.0 <= sec["secagg_threshold"] < 1.0:
+    raise ConfigError("config.security.secagg_threshold must be in [0, 1)")
+  if not 8 <= sec["secagg_frac_bits"] <= 40:
+    raise ConfigError("config.security.secagg_frac_bits must be in [8, 40]")
+  if sec["secure_aggregation"]:
+    aggregator = get_algorithm(alg_name).aggregator
+    if aggregator not in SECAGG_COMPATIBLE:
+      raise ConfigError(
+          f"config.security.secure_aggregation cannot be combined with config.algorithm="
+          f"{alg_name}: {SECAGG_WHY.get(aggregator, 'it needs individual updates')}, and "
+          "the server never sees one under secure aggregation. Compatible: "
+          f"{', '.join(SECAGG_COMPATIBLE)}")
+    if sec["max_update_norm"] > 0:
+      raise ConfigError("config.security.max_update_norm cannot be checked under "
+                        "secure_aggregation (the server never sees an individual update); "
+                        "bound updates on the sites instead (config.privacy.example_clip)")
+  try:
+    plan = faults_lib.parse_faults(ft["sites"], sites, ft["scale"], ft["start_round"])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  kinds = plan.kinds()
+  if kinds & set(faults_lib.SIGNING_KINDS) and not sec["ledger"]:
+    raise ConfigError(f"config.faults.sites: {sorted(kinds & set(faults_lib.SIGNING_KINDS))} "
+                      "need config.security.ledger=True (uploads are only signed then)")
+  if "drop_after_masking" in kinds and not sec["secure_aggregation"]:
+    raise ConfigError("config.faults.sites: drop_after_masking needs "
+                      "config.security.secure_aggregation=True")
+
+
+def _site_names(config) -> list[str]:
+  part = config.data.get("partition", {}) or {}
+  if part.get("kind", "natural") == "natural":
+    return [n for n, s in config.data.sites.items() if s.get("role", "train") == "train"]
+  return [f"site{i}" for i in range(int(part.get("num_sites", 0)))]
 
 
 def check_config(config) -> None:
@@ -80,6 +168,8 @@ def check_config(config) -> None:
                       f"config has only {n_sites} training sites")
   if ranks and len(ranks) != n_sites:
     raise ConfigError(f"config.lora.site_ranks has {len(ranks)} entries for {n_sites} sites")
+  _check_privacy(config, config.algorithm)
+  _check_security(config, config.algorithm, _site_names(config))
 
 
 def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
@@ -111,11 +201,36 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   return cfg, graphdef, base
 
 
-def _aggregator(config) -> agg_lib.Aggregator:
+def _aggregator(config, client_noise: float, expected_clients: int) -> agg_lib.Aggregator:
   name = get_algorithm(config.algorithm).aggregator
   options = {k: config.aggregator[k] for k in AGGREGATOR_OPTIONS.get(name, ())
              if k != "server_lr" or config.aggregator[k] > 0}
+  if name == "dp_fedavg":
+    options.update(clip=_group(config, "privacy")["client_clip"], noise_multiplier=client_noise,
+                   expected_clients=float(expected_clients))
   return agg_lib.get_aggregator(name, **options)
+
+
+def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
+  """(example-level sigma, client-level sigma): as configured, or calibrated so that the
+  planned run (every site in every round) ends at the target epsilon."""
+  from fedjax_lora.privacy import accounting
+  pv, run = _group(config, "privacy"), config.run
+  example, client = pv["example_noise"], pv["client_noise"]
+  if pv["example_target_epsilon"] > 0:
+    per_step = run.batch_size * run.accumulation
+    example = max(accounting.calibrate_noise(
+        pv["example_target_epsilon"], min(1.0, per_step / len(s.train)),
+        steps_per_round(len(s.train), run.batch_size, run.accumulation, run.epochs) * run.rounds,
+        pv["delta"]) for s in sites)
+    log(f"DP-SGD: noise multiplier {example:.4f} gives every site epsilon <= "
+        f"{pv['example_target_epsilon']} at delta {pv['delta']} after {run.rounds} rounds")
+  if pv["client_target_epsilon"] > 0:
+    client = accounting.calibrate_noise(pv["client_target_epsilon"],
+                                        clients_per_round / len(sites), run.rounds, pv["delta"])
+    log(f"DP-FedAvg: noise multiplier {client:.4f} gives client-level epsilon <= "
+        f"{pv['client_target_epsilon']} at delta {pv['delta']} after {run.rounds} rounds")
+  return example, client
 
 
 def build(config, workdir: str | None = None, log: Callable[[str], None] = print,
@@ -143,6 +258,11 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   layers = tuple(lc.layers) or None
   ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
   rank = lc.rank
+  pv, sec, ft = _group(config, "privacy"), _group(config, "security"), _group(config, "faults")
+  run = RunConfig(**config.run.to_dict())
+  m = run.clients_per_round or (max(1, round(run.client_fraction * len(sites)))
+                                if run.client_fraction else len(sites))
+  example_noise, client_noise = dp_noise(config, sites, m, log)
   try:
     spec = LoraSpec(rank=rank, alpha=lc.alpha, targets=lc.targets, layers=layers)
     local_spec = (LoraSpec(rank=lc.local_rank, alpha=lc.local_alpha, targets=lc.targets,
@@ -154,14 +274,24 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
                           weight_decay=config.client.weight_decay,
                           grad_clip=config.client.grad_clip, train_factors=alg.train_factors,
                           prox_mu=config.client.prox_mu if alg.prox else 0.0,
-                          scaffold=alg.scaffold)
-    aggregator = _aggregator(config)
+                          scaffold=alg.scaffold, dp_clip=pv["example_clip"],
+                          dp_noise_multiplier=example_noise,
+                          # DP-SGD bounds each example's influence, so each example weighs
+                          # the same (a token-weighted mean would not have that sensitivity)
+                          loss_weighting="examples" if pv["example_clip"] > 0 else "tokens")
+    aggregator = _aggregator(config, client_noise, m)
+    plan = faults_lib.parse_faults(ft["sites"], train_sites, ft["scale"], ft["start_round"])
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  run = RunConfig(**config.run.to_dict())
+  ledger = bool(sec["ledger"]) and workdir is not None
+  if sec["ledger"] and workdir is None:
+    log("security.ledger is off for this federation: it has no workdir")
+  security = SecurityConfig(
+      ledger=ledger, max_update_norm=sec["max_update_norm"],
+      secure_aggregation=sec["secure_aggregation"], secagg_frac_bits=sec["secagg_frac_bits"],
+      secagg_threshold=sec["secagg_threshold"], faults=plan, dp_delta=pv["delta"],
+      client_dp_noise=client_noise, config_hash=config_hash(config))
   if mesh is None:
-    m = run.clients_per_round or (max(1, round(run.client_fraction * len(sites)))
-                                  if run.client_fraction else len(sites))
     try:
       mesh = mesh_lib.make_mesh(config.mesh.clients, config.mesh.fsdp, num_clients=m)
     except ValueError as e:
@@ -174,6 +304,17 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
                    gamma=config.aggregator.gamma, temperature=config.aggregator.temperature,
                    keep_optimizer_state=config.keep_optimizer_state,
                    workdir=str(workdir) if workdir else None, log=log,
-                   place=mesh_lib.client_placer(mesh), hooks=hooks)
+                   place=mesh_lib.client_placer(mesh), hooks=hooks, security=security,
+                   special_token_ids=(tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                      tokenizer.pad_token_id),
+                   vocab_size=len(tokenizer))
   fed.data = data  # the prepared sites (test examples for evaluation hooks)
   return fed
+
+
+def config_hash(config) -> str:
+  """SHA-256 of the config's canonical JSON (what the ledger's genesis block commits to)."""
+  import hashlib
+  import json
+  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()

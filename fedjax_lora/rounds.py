@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lora import aggregators as agg_lib
+from fedjax_lora.aggregators import base as agg_base
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, client_update, scaffold_control
+from fedjax_lora.faults import apply_upload_faults
 from fedjax_lora.losses import causal_lm_loss
 from models import llama
 from models.lora import LoraAdapter, LoraSpec
@@ -87,13 +89,13 @@ def _scatter(tree, idx, values, present):
   return jax.tree.map(put, tree, values)
 
 
-def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, state: dict,
-               sites: dict, batches: dict, step_mask, idx, present, token_counts, rngs,
-               val: dict | None, rank_mask=None):
-  """(state, sites, round inputs) -> (state, sites, metrics).
+def train_clients(spec: RoundSpec, graphdef, base, state: dict, sites: dict, batches: dict,
+                  step_mask, idx, rngs, rank_mask=None, fault: dict | None = None):
+  """Client side of a round: every sampled client trains, then sends its upload.
 
-  state: {"global", "server"}; sites: per-site persistent state stacked over all N sites
-  (local adapters, personal factors, SCAFFOLD controls, optimizer states).
+  Returns (out, metrics): out["trained"] holds the stacked client adapters (["global"] is
+  what each client uploads, after any configured fault), plus new optimizer states and
+  SCAFFOLD controls when the algorithm keeps them.
   """
   alg = spec.algorithm
   server = state["server"]
@@ -124,10 +126,60 @@ def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, 
   run = _client_axis(one_client, spec.mode, in_axes)
   trained, new_opt, client_metrics = run(trainable, batches, step_mask, rngs, site_controls,
                                          rank_mask, opt_state)
+  out = {"trained": trained, "opt": new_opt if spec.keep_optimizer_state else None,
+         "controls": None}
+  if alg.scaffold:
+    out["controls"] = jax.vmap(scaffold_control, in_axes=(None, 0, None, 0, 0))(
+        server["control"], site_controls, global_params, trained["global"],
+        client_metrics["lr_sum"])
+  if fault is not None:
+    trained["global"] = apply_upload_faults(global_params, trained["global"], fault)
+  return out, {"client_" + k: v for k, v in client_metrics.items()}
 
-  metrics = {"client_" + k: v for k, v in client_metrics.items()}
-  present_f = present.astype(jnp.float32)
+
+def quarantine(global_params, uploads, present, max_norm: float = 0.0):
+  """(accepted [K], metrics): drops present uploads that are non-finite or whose update norm
+  ||y_k − x|| exceeds `max_norm` (0: no bound). Runs before anything looks at the values."""
+  finite = jnp.ones(present.shape, bool)
+  for leaf in jax.tree.leaves(uploads):
+    finite &= jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
+  safe = jax.tree.map(lambda y, x: jnp.where(
+      finite.reshape((-1,) + (1,) * (y.ndim - 1)), y, x[None].astype(y.dtype)),
+      uploads, global_params)
+  norms = agg_base.per_client_norm(agg_base.client_deltas(global_params, safe, present))
+  too_big = (norms > max_norm) if max_norm > 0 else jnp.zeros(present.shape, bool)
+  accepted = present & finite & ~too_big
+  metrics = {"client_update_norm": jnp.where(finite, norms, jnp.inf),
+             "client_quarantined_nonfinite": present & ~finite,
+             "client_quarantined_norm": present & finite & too_big,
+             "quarantined": jnp.sum((present & ~accepted).astype(jnp.float32))}
+  return accepted, safe, metrics
+
+
+def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base,
+                    state: dict, sites: dict, client_out: dict, idx, present, token_counts,
+                    val: dict | None, rank_mask=None, noise_key=None, max_norm: float = 0.0,
+                    secure_delta=None):
+  """Server side of a round: quarantine, validation weights, aggregation, per-site state.
+
+  `present` is who reported back (and, with signed uploads, whose signature verified).
+  With secure aggregation the server never sees the uploads: `secure_delta` is the weighted
+  mean update the protocol revealed, aggregated as a single client.
+  """
+  alg = spec.algorithm
+  server = state["server"]
+  if alg.merge_base:
+    base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+  global_params = state["global"]
+  trained = dict(client_out["trained"])
+  metrics = {}
   token_counts = token_counts.astype(jnp.float32)
+  if secure_delta is None:
+    accepted, trained["global"], q_metrics = quarantine(global_params, trained["global"],
+                                                        present, max_norm)
+    metrics.update(q_metrics)
+  else:
+    accepted = present
   if alg.needs_validation:
     def client_val(g, local):
       adapters = [LoraAdapter(g, spec.global_spec)]
@@ -137,45 +189,81 @@ def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, 
     val_axes = (0, 0 if alg.local_adapter else None)
     losses = _client_axis(client_val, spec.mode, val_axes)(
         trained["global"], trained.get("local"))
-    weights = agg_lib.validation_weights(losses, token_counts, present, spec.gamma,
+    weights = agg_lib.validation_weights(losses, token_counts, accepted, spec.gamma,
                                          spec.temperature)
     metrics["client_val_loss"] = losses
   else:
-    n = token_counts * present_f
+    n = token_counts * accepted.astype(jnp.float32)
     weights = n / jnp.maximum(jnp.sum(n), 1.0)
   metrics["weights"] = weights
 
-  extras = {"num_clients": jnp.float32(jax.tree.leaves(sites)[0].shape[0]
-                                       if jax.tree.leaves(sites) else m)}
+  num_sites = jax.tree.leaves(sites)[0].shape[0] if jax.tree.leaves(sites) else idx.shape[0]
+  extras = {"num_clients": jnp.float32(num_sites)}
+  if noise_key is not None:
+    extras["noise_key"] = noise_key
   if rank_mask is not None:
     extras["rank_mask"] = rank_mask
   if alg.scaffold:
-    new_controls = jax.vmap(scaffold_control, in_axes=(None, 0, None, 0, 0))(
-        server["control"], site_controls, global_params, trained["global"],
-        client_metrics["lr_sum"])
-    extras["control_delta"] = jax.tree.map(jnp.subtract, new_controls, site_controls)
-  new_global, new_server, agg_metrics = aggregator.apply(
-      global_params, trained["global"], weights, present, server, extras)
+    site_controls = _take(sites["control"], idx)
+    extras["control_delta"] = jax.tree.map(jnp.subtract, client_out["controls"], site_controls)
+  if secure_delta is None:
+    new_global, new_server, agg_metrics = aggregator.apply(
+        global_params, trained["global"], weights, accepted, server, extras)
+  else:
+    single = jax.tree.map(lambda x, d: (x.astype(jnp.float32) + d)[None].astype(x.dtype),
+                          global_params, secure_delta)
+    new_global, new_server, agg_metrics = aggregator.apply(
+        global_params, single, jnp.ones((1,), jnp.float32), jnp.any(accepted)[None], server,
+        extras)
   metrics.update(agg_metrics)
+  metrics["present_clients"] = jnp.sum(accepted.astype(jnp.float32))
 
   new_sites = dict(sites)
   if alg.personal_factors:
     kept = select_factors(trained["global"], alg.personal_factors)
-    new_sites["personal"] = _scatter(sites["personal"], idx, kept, present)
+    new_sites["personal"] = _scatter(sites["personal"], idx, kept, accepted)
   if alg.local_adapter:
-    new_sites["local"] = _scatter(sites["local"], idx, trained["local"], present)
+    new_sites["local"] = _scatter(sites["local"], idx, trained["local"], accepted)
   if alg.scaffold:
-    new_sites["control"] = _scatter(sites["control"], idx, new_controls, present)
+    new_sites["control"] = _scatter(sites["control"], idx, client_out["controls"], accepted)
   if spec.keep_optimizer_state:
-    new_sites["opt"] = _scatter(sites["opt"], idx, new_opt, present)
+    new_sites["opt"] = _scatter(sites["opt"], idx, client_out["opt"], accepted)
   return {**state, "global": new_global, "server": new_server}, new_sites, metrics
 
 
-def compile_round(spec: RoundSpec, aggregator, graphdef):
+def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, state: dict,
+               sites: dict, batches: dict, step_mask, idx, present, token_counts, rngs,
+               val: dict | None, rank_mask=None, fault=None, noise_key=None,
+               max_norm: float = 0.0):
+  """(state, sites, round inputs) -> (state, sites, metrics): clients and server in one program.
+
+  state: {"global", "server"}; sites: per-site persistent state stacked over all N sites
+  (local adapters, personal factors, SCAFFOLD controls, optimizer states).
+  """
+  client_out, metrics = train_clients(spec, graphdef, base, state, sites, batches, step_mask,
+                                      idx, rngs, rank_mask, fault)
+  state, sites, server_metrics = aggregate_round(
+      spec, aggregator, graphdef, base, state, sites, client_out, idx, present, token_counts,
+      val, rank_mask, noise_key, max_norm)
+  return state, sites, {**metrics, **server_metrics}
+
+
+def compile_round(spec: RoundSpec, aggregator, graphdef, max_norm: float = 0.0):
   """The jitted round. Per-site state (the bulk for dual_lora/fedsa_lora/SCAFFOLD) is donated;
   the global adapter is not, since some aggregators legitimately return buffers they keep
   in their state (FLoRA's shared A)."""
   if spec.mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
-  fn = functools.partial(round_step, spec, aggregator, graphdef)
+  fn = functools.partial(round_step, spec, aggregator, graphdef, max_norm=max_norm)
   return jax.jit(fn, donate_argnames=("sites",))
+
+
+def compile_round_phases(spec: RoundSpec, aggregator, graphdef, max_norm: float = 0.0):
+  """(train, aggregate): the round as two programs, for when the server must check the
+  uploads on the host in between (signatures, secure aggregation)."""
+  if spec.mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
+  train = jax.jit(functools.partial(train_clients, spec, graphdef))
+  aggregate = jax.jit(functools.partial(aggregate_round, spec, aggregator, graphdef,
+                                        max_norm=max_norm), donate_argnames=("sites",))
+  return train, aggregate

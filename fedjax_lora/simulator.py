@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
-from fedjax_lora import batching, checkpointing, comm
+from fedjax_lora import batching, checkpointing, comm, faults
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
-from fedjax_lora.rounds import RoundSpec, base_with_delta, compile_round, validation_loss
+from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
+                                validation_loss)
+from fedjax_lora.security import guard
 from models import llama, lora
 from models.lora import LoraAdapter, LoraSpec
 
@@ -55,6 +57,27 @@ class RunConfig:
   keep_last: int = 3
   best_metric: str = "val_loss"
   best_mode: str = "min"
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityConfig:
+  """How the server protects the round (all off: the single fused program of a plain run)."""
+  ledger: bool = False              # signed uploads, verified before aggregation, and the
+                                    # hash-chain ledger of <workdir>/ledger.jsonl (needs a workdir)
+  max_update_norm: float = 0.0      # quarantine uploads with ||y_k - x|| above this (0: off);
+                                    # non-finite uploads are always quarantined
+  secure_aggregation: bool = False  # the server sees only masked uploads and their sum
+  secagg_frac_bits: int = 24        # fixed-point fractional bits in the 2^64 ring
+  secagg_threshold: float = 0.5     # Shamir threshold: more than this fraction must survive
+  faults: faults.FaultPlan = faults.FaultPlan()
+  dp_delta: float = 1e-5            # delta of the reported (epsilon, delta)
+  client_dp_noise: float = 0.0      # dp_fedavg's noise multiplier, for its accounting
+  config_hash: str = ""             # committed to by the ledger's genesis block
+
+  @property
+  def split_round(self) -> bool:
+    """The host must see the uploads between training and aggregation."""
+    return self.ledger or self.secure_aggregation
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -109,7 +132,9 @@ class Federation:
                temperature: float = 1.0, keep_optimizer_state: bool = False,
                workdir: str | None = None, log: Callable[[str], None] = print,
                place: Callable | None = None,
-               hooks: list[Callable[["Federation", int], dict]] = ()):
+               hooks: list[Callable[["Federation", int], dict]] = (),
+               security: SecurityConfig = SecurityConfig(), special_token_ids=(),
+               vocab_size: int | None = None):
     self.graphdef, self.base, self.model_config = graphdef, base, model_config
     self.sites, self.algorithm, self.aggregator, self.run = sites, algorithm, aggregator, run
     self.log, self.workdir = log, Path(workdir) if workdir else None
@@ -153,7 +178,16 @@ class Federation:
                          np.array(site_ranks)[:, None]).astype(np.float32)
     self.spec = RoundSpec(algorithm, client, lora_spec, local_spec, mode, gamma, temperature,
                           keep_optimizer_state)
-    self.round_fn = compile_round(self.spec, aggregator, graphdef)
+    self.security = security
+    self.round_fn = compile_round(self.spec, aggregator, graphdef, security.max_update_norm)
+    self.train_fn = self.aggregate_fn = None
+    if security.split_round:
+      self.train_fn, self.aggregate_fn = compile_round_phases(self.spec, aggregator, graphdef,
+                                                              security.max_update_norm)
+    self.label_perm = None
+    if "label_flip" in security.faults.kinds():
+      self.label_perm = faults.label_permutation(vocab_size or model_config.vocab_size,
+                                                 special_token_ids, run.seed)
     self.val_fn = jax.jit(lambda base, adapters, val: validation_loss(graphdef, base, adapters,
                                                                        val))
     self.full_model_bytes = comm.model_bytes(base)
@@ -165,6 +199,11 @@ class Federation:
       self.checkpointer = checkpointing.RoundCheckpointer(
           self.workdir / "checkpoints", keep_last=run.keep_last,
           best_metric=run.best_metric or None, best_mode=run.best_mode)
+    if security.ledger and self.workdir is None:
+      raise ConfigError("security.ledger needs a workdir (the ledger and keys live there)")
+    self.guard = guard.RoundGuard(self, security) if security.split_round or \
+        security.ledger else None
+    self.dp_steps = {s.name: 0 for s in sites}  # local DP-SGD steps taken so far, per site
 
   # ---- state -------------------------------------------------------------------------------
   def initial_state(self) -> dict:
@@ -243,9 +282,27 @@ class Federation:
     batches, step_mask = batching.round_batches(
         [self.sites[k].train for k in idx], self.run.batch_size, self.run.accumulation,
         self.run.epochs, rngs, self.length, self.max_steps)
+    plan = self.security.faults
+    names = [self.sites[k].name for k in idx]
+    for i, name in enumerate(names):
+      kind = plan.kind(name, r)
+      if kind == "dropout":
+        present[i] = False
+      elif kind == "label_flip":
+        one = faults.flip_labels({k: v[i] for k, v in batches.items()}, self.label_perm)
+        batches["tokens"][i] = one["tokens"]
     keys = jax.random.split(jax.random.fold_in(jax.random.key(self.run.seed), r), len(idx))
     rank = None if self.rank_masks is None else self.rank_masks[idx]
     return idx, present, batches, step_mask, keys, rank
+
+  def round_extras(self, r: int, idx) -> tuple:
+    """(upload faults, server noise key) of round r, both derived from the seed."""
+    plan = self.security.faults
+    fault = None
+    if any(k in faults.UPLOAD_KINDS for k in plan.kinds()):
+      fault = faults.upload_faults(plan, [self.sites[k].name for k in idx], r)
+    noise_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.run.seed), r), 0x5EC)
+    return fault, noise_key
 
   @functools.cached_property
   def max_steps(self) -> int:
@@ -255,6 +312,8 @@ class Federation:
 
   def step(self) -> dict:
     """Runs the next round; returns its metrics (also appended to `history`)."""
+    if self.guard is not None and not self.guard.started:
+      self.guard.start(resumed_round=int(self.state["round"]) or None)
     r = int(self.state["round"]) + 1
     t0 = time.perf_counter()
     idx, present, batches, step_mask, keys, rank = self.round_inputs(r)
@@ -263,14 +322,30 @@ class Federation:
                          "rank": rank}, True)
     uplink_example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                   self.state["global"])
+    fault, noise_key = self.round_extras(r, idx)
     core = {"global": self.state["global"], "server": self.state["server"]}
-    core, sites, metrics = self.round_fn(
-        self.base, core, self.state["sites"], placed["batches"], placed["step_mask"],
-        placed["idx"], placed["present"], placed["counts"], placed["keys"], self.val,
-        placed["rank"])
+    if self.train_fn is None:
+      core, sites, metrics = self.round_fn(
+          self.base, core, self.state["sites"], placed["batches"], placed["step_mask"],
+          placed["idx"], placed["present"], placed["counts"], placed["keys"], self.val,
+          placed["rank"], fault, noise_key)
+      report, accepted = {}, present
+    else:
+      client_out, client_metrics = self.train_fn(
+          self.base, core, self.state["sites"], placed["batches"], placed["step_mask"],
+          placed["idx"], placed["keys"], placed["rank"], fault)
+      accepted, secure_delta, report = self.guard.check_uploads(r, idx, present, core["global"],
+                                                                client_out)
+      core, sites, metrics = self.aggregate_fn(
+          self.base, core, self.state["sites"], client_out, placed["idx"],
+          self.place(accepted, True), placed["counts"], self.val, placed["rank"], noise_key,
+          secure_delta=secure_delta)
+      metrics = {**client_metrics, **metrics}
     self.state = {**core, "sites": sites, "round": jnp.int32(r)}
     metrics = jax.device_get(metrics)
-    row = self._summarise(r, idx, present, metrics, uplink_example)
+    row = self._summarise(r, idx, present, metrics, uplink_example, accepted)
+    row.update(report.get("row", {}))
+    row.update(self._privacy(idx, present, metrics))
     if self.run.eval_every and r % self.run.eval_every == 0:
       if self.val is not None:
         row["val_loss"] = float(self.val_fn(self.effective_base(), self.global_adapters(),
@@ -288,9 +363,34 @@ class Federation:
     if self.workdir is not None:
       with open(self.workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(_jsonable(row)) + "\n")
+    if self.guard is not None and self.security.ledger:
+      # Before the checkpoint: a checkpoint with no block is treated as unverifiable.
+      self.guard.record_round(r, idx, present, metrics, report, row)
     if self.checkpointer is not None:
       self.checkpointer.save(r, self.checkpoint_state(), _jsonable(row))
     return row
+
+  def _privacy(self, idx, present, metrics) -> dict:
+    """Per-site epsilon of example-level DP-SGD and the run's client-level epsilon so far."""
+    from fedjax_lora.privacy import accounting
+    out = {}
+    client = self.spec.client
+    if getattr(client, "dp_clip", 0.0) > 0:
+      for i, k in enumerate(idx):
+        if present[i]:
+          self.dp_steps[self.sites[k].name] += int(metrics["client_steps"][i])
+      per_step = self.run.batch_size * self.run.accumulation
+      out["epsilon"] = {
+          s.name: accounting.dp_sgd_epsilon(client.dp_noise_multiplier,
+                                            min(1.0, per_step / max(len(s.train), 1)),
+                                            self.dp_steps[s.name], self.security.dp_delta)
+          for s in self.sites}
+      out["dp_steps"] = dict(self.dp_steps)
+    if self.aggregator.name == "dp_fedavg":
+      out["client_epsilon"] = accounting.client_level_epsilon(
+          self.security.client_dp_noise, len(idx), len(self.sites), int(self.state["round"]),
+          self.security.dp_delta)
+    return out
 
   def _traffic(self, idx, present, shapes) -> dict:
     """What each client really sends and receives this round, by algorithm.
@@ -324,14 +424,24 @@ class Federation:
     return comm.round_comm(up, down, np.asarray(present), self.full_model_bytes,
                            uplink_multiplier=2 if alg.scaffold else 1)
 
-  def _summarise(self, r, idx, present, metrics, uplink_example) -> dict:
+  def _summarise(self, r, idx, present, metrics, uplink_example, accepted=None) -> dict:
     names = [self.sites[k].name for k in idx]
+    counted = np.array(present if accepted is None else accepted, bool)
+    for key in ("client_quarantined_nonfinite", "client_quarantined_norm"):
+      if key in metrics:
+        counted &= ~np.asarray(metrics[key], bool)
     traffic = self._traffic(idx, present, uplink_example)
     row = {"round": r, "clients": names, "present": [bool(p) for p in present],
            "train_loss": {n: float(v) for n, v, p in zip(names, metrics["client_train_loss"],
                                                           present) if p},
-           "weights": {n: float(w) for n, w, p in zip(names, metrics["weights"], present) if p},
+           "weights": {n: float(w) for n, w, p in zip(names, metrics["weights"], counted) if p},
            "comm": traffic}
+    for key in ("client_quarantined_nonfinite", "client_quarantined_norm"):
+      if key in metrics:
+        row[key[len("client_"):]] = [n for n, q in zip(names, metrics[key]) if q]
+    if "client_update_norm" in metrics:
+      row["update_norm"] = {n: float(v) for n, v, p in zip(names, metrics["client_update_norm"],
+                                                           present) if p}
     if "client_val_loss" in metrics:
       row["client_val_loss"] = {n: float(v) for n, v, p in
                                 zip(names, metrics["client_val_loss"], present) if p}
@@ -347,6 +457,14 @@ class Federation:
   def format_row(row: dict) -> str:
     weights = " ".join(f"{k}={v:.2f}" for k, v in row["weights"].items())
     val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
+    dropped = row.get("quarantined_nonfinite", []) + row.get("quarantined_norm", []) + \
+        [f"{s} ({why})" for s, why in row.get("rejected", {}).items()]
+    if dropped:
+      val += f" | quarantined {', '.join(dropped)}"
+    if "epsilon" in row:
+      val += f" | eps max {max(row['epsilon'].values()):.2f}"
+    if "client_epsilon" in row:
+      val += f" | client eps {row['client_epsilon']:.2f}"
     up = row["comm"]["total_up_bytes"] / 1e6
     return (f"round {row['round']:3d} | clients {sum(row['present'])}/{len(row['clients'])} | "
             f"loss {row['mean_train_loss']:.4f}{val} | weights {weights} | up {up:.2f} MB | "
@@ -358,13 +476,51 @@ class Federation:
             "sites": self.state["sites"], "round": self.state["round"]}
 
   def resume(self) -> int:
-    """Restores the latest checkpoint of the workdir; returns its round (0 if none)."""
+    """Restores the latest complete checkpoint whose hash matches the ledger (with a ledger);
+    a corrupted or partial one is set aside with a warning and the one before is used.
+    Metrics and ledger entries of rounds after it are dropped: they will be re-run."""
     if self.checkpointer is None or self.checkpointer.latest_round() is None:
+      if self.guard is not None:
+        self.guard.start()
       return 0
-    restored, _ = self.checkpointer.restore(target=self.checkpoint_state())
+    target = self.checkpoint_state()
+    restored = metrics = None
+    for r in sorted(self.checkpointer.all_rounds(), reverse=True):
+      try:
+        restored, metrics = self.checkpointer.restore(r, target=target)
+        problem = None
+      except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
+        problem = f"cannot be restored ({type(e).__name__}: {str(e)[:200]})"
+      if problem is None and self.guard is not None:
+        problem = self.guard.check_checkpoint(r, restored)  # a broken ledger raises
+      if problem is None:
+        break
+      aside = self.checkpointer.set_aside(r, self.workdir / "checkpoints_rejected")
+      self.log(f"WARNING: checkpoint of round {r} {problem}; moved to {aside}, trying the "
+               "previous one")
+      restored = None
+    if restored is None:
+      raise RuntimeError(f"no usable checkpoint in {self.workdir / 'checkpoints'}; every one "
+                         "failed its check (see the warnings above)")
     self.state = self.place(dict(restored), False)
-    self.log(f"resumed from round {int(self.state['round'])}")
-    return int(self.state["round"])
+    r = int(self.state["round"])
+    self.dp_steps.update(metrics.get("dp_steps", {}))
+    self._truncate_metrics(r)
+    if self.guard is not None:
+      self.guard.start(resumed_round=r)
+    self.log(f"resumed from round {r}")
+    return r
+
+  def _truncate_metrics(self, round_index: int) -> None:
+    path = self.workdir / "metrics.jsonl"
+    if not path.exists():
+      return
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    keep = [l for l in lines if json.loads(l).get("round", 0) <= round_index]
+    if len(keep) != len(lines):
+      tmp = path.with_suffix(".tmp")
+      tmp.write_text("".join(l + "\n" for l in keep))
+      tmp.replace(path)
 
   def run_rounds(self, until: int | None = None):
     until = until or self.run.rounds

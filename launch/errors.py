@@ -5,6 +5,9 @@ import sys
 from absl import app
 
 from fedjax_lora.data.records import DataError
+from fedjax_lora.privacy.secagg import SecAggError
+from fedjax_lora.security.identity import IdentityError
+from fedjax_lora.security.ledger import LedgerError
 from fedjax_lora.simulator import ConfigError as FederationConfigError
 from models.config import ConfigError
 from models.hf_checkpoint import CheckpointError
@@ -12,7 +15,7 @@ from models.peft_io import AdapterError
 from models.tokenizer import TokenizerError
 
 INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError, DataError,
-                FederationConfigError)
+                FederationConfigError, IdentityError, LedgerError, SecAggError)
 
 
 def run(main):

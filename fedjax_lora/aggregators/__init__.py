@@ -16,6 +16,7 @@ import inspect
 from typing import Callable
 
 from fedjax_lora.aggregators.base import Aggregator, factor_error
+from fedjax_lora.aggregators.dp_fedavg import dp_fedavg
 from fedjax_lora.aggregators.fedavg import fedavg, validation_weights
 from fedjax_lora.aggregators.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
 from fedjax_lora.aggregators.hetero import flexlora, flora, flora_stack, hetlora
@@ -49,6 +50,7 @@ REGISTRY: dict[str, Callable[..., Aggregator]] = {
     "median": median,
     "trimmed_mean": trimmed_mean,
     "norm_clip": norm_clip,
+    "dp_fedavg": dp_fedavg,                                 # client-level DP (McMahan 2018)
     "hetlora": hetlora,
     "flexlora": flexlora,
     "flora": flora,
