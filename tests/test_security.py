@@ -302,26 +302,36 @@ def _final_global(workdir):
   return int(state["round"]), state["global"]
 
 
-def test_kill_9_mid_run_then_resume_gives_identical_adapters(tmp_path):
-  full = _federate(tmp_path / "full")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  full = _federate(workdir)
   assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
-  killed = _federate(tmp_path / "killed")
-  for line in killed.stderr:  # kill in the middle of round 3: after round 2 was logged
-    if line.startswith("round   2"):
-      time.sleep(0.3)
+  return _final_global(workdir)
+
+
+@pytest.mark.parametrize("after,delay", [("round   1", 0.0), ("round   2", 0.3)])
+def test_kill_9_mid_run_then_resume_gives_identical_adapters(uninterrupted, tmp_path, after,
+                                                             delay):
+  """Killed right after a round is logged (its checkpoint still being written) or partway
+  into the next round; the resumed run must end bit-identical to the uninterrupted one."""
+  killed = _federate(tmp_path)
+  for line in killed.stderr:
+    if line.startswith(after):
+      time.sleep(delay)
       break
   killed.send_signal(signal.SIGKILL)
   killed.wait(timeout=60)
   assert killed.returncode == -signal.SIGKILL
-  resumed = _federate(tmp_path / "killed", "--resume")
+  resumed = _federate(tmp_path, "--resume")
   assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
-  r_full, g_full = _final_global(tmp_path / "full")
-  r_res, g_res = _final_global(tmp_path / "killed")
+  r_full, g_full = uninterrupted
+  r_res, g_res = _final_global(tmp_path)
   assert r_full == r_res == 4
   for x, y in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_res)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert audit.audit_workdir(tmp_path / "killed").ok
-  rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+  assert audit.audit_workdir(tmp_path).ok
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in rows] == [1, 2, 3, 4]
 
 
@@ -391,3 +401,36 @@ def test_client_level_dp_fedavg_reports_its_epsilon(data):
     assert row["client_epsilon"] == pytest.approx(
         _independent_rdp_epsilon(0.8, 2 / 3, r, 1e-5), rel=2e-2)
     assert row["noise_std"] == pytest.approx(0.8 * 0.05 / 2, rel=1e-5)
+
+
+# ---- bad input: one clear line -------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,needle", [
+    (["launch.audit"], "error: .*ledger.jsonl: no ledger"),
+    (["launch.federate", "--config.faults.sites=nowhere:nan"],
+     "error: config.faults.sites: unknown site 'nowhere'"),
+    (["launch.federate", "--config.security.secure_aggregation=True",
+      "--config.algorithm=median"], "error: config.security.secure_aggregation cannot be "
+                                    "combined with config.algorithm=median"),
+    (["launch.federate", "--config.privacy.example_noise=1.0"],
+     "error: config.privacy.example_clip must be > 0"),
+])
+def test_launchers_print_one_error_line(tmp_path, args, needle):
+  proc = subprocess.run([sys.executable, "-m", *args, f"--workdir={tmp_path}"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in proc.stderr
+  import re
+  assert re.search(needle, lines[0]), lines[0]
+
+
+def test_a_tampered_key_file_stops_a_resume_with_one_clear_error(ledger_run, data, tmp_path):
+  workdir = _copy(ledger_run[0], tmp_path)
+  (workdir / "identity" / "keys" / "narrative_hospital.pem").write_text("garbage")
+  fed = build(data, workdir=workdir, **{"run.rounds": 3, "run.keep_last": 3,
+                                        "faults.sites": "telegraphic_clinic:forged",
+                                        "faults.start_round": 2})
+  with pytest.raises(identity.IdentityError, match=r"narrative_hospital\.pem"):
+    fed.resume()
