@@ -76,6 +76,9 @@ def security_config() -> ml_collections.ConfigDict:
       # Ed25519 key per site (workdir/identity), every upload signed over (round, site id,
       # update hash) and verified; hash-chain ledger workdir/ledger.jsonl (launch.audit).
       ledger=True,
+      # With the ledger: keep each round's uploads and new global adapter in workdir/uploads,
+      # so launch.audit can replay the aggregation (costs one adapter per site per round).
+      keep_uploads=False,
       # Quarantine uploads whose update norm ||y_k - x|| exceeds this (0: no bound).
       # Non-finite uploads are always quarantined.
       max_update_norm=0.0,

@@ -93,6 +93,9 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
     raise ConfigError("config.security.secagg_threshold must be in [0, 1)")
   if not 8 <= sec["secagg_frac_bits"] <= 40:
     raise ConfigError("config.security.secagg_frac_bits must be in [8, 40]")
+  if sec["keep_uploads"] and not sec["ledger"]:
+    raise ConfigError("config.security.keep_uploads needs config.security.ledger=True (the "
+                      "ledger's hashes are what the stored uploads are checked against)")
   if sec["secure_aggregation"]:
     aggregator = get_algorithm(alg_name).aggregator
     if aggregator not in SECAGG_COMPATIBLE:
@@ -287,7 +290,8 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   if sec["ledger"] and workdir is None:
     log("security.ledger is off for this federation: it has no workdir")
   security = SecurityConfig(
-      ledger=ledger, max_update_norm=sec["max_update_norm"],
+      ledger=ledger, keep_uploads=ledger and bool(sec["keep_uploads"]),
+      max_update_norm=sec["max_update_norm"],
       secure_aggregation=sec["secure_aggregation"], secagg_frac_bits=sec["secagg_frac_bits"],
       secagg_threshold=sec["secagg_threshold"], faults=plan, dp_delta=pv["delta"],
       client_dp_noise=client_noise, config_hash=config_hash(config))

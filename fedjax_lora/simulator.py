@@ -64,6 +64,8 @@ class SecurityConfig:
   """How the server protects the round (all off: the single fused program of a plain run)."""
   ledger: bool = False              # signed uploads, verified before aggregation, and the
                                     # hash-chain ledger of <workdir>/ledger.jsonl (needs a workdir)
+  keep_uploads: bool = False        # with the ledger: keep every round's uploads and global
+                                    # adapter in <workdir>/uploads for launch.audit to replay
   max_update_norm: float = 0.0      # quarantine uploads with ||y_k - x|| above this (0: off);
                                     # non-finite uploads are always quarantined
   secure_aggregation: bool = False  # the server sees only masked uploads and their sum

@@ -3,7 +3,8 @@ r"""Verifies a run's audit trail: the ledger's hash chain and every checkpoint a
   python -m launch.audit --workdir=DIR
 
 Prints one line per round (sites accepted, quarantined or rejected, aggregation weights,
-global adapter hash) and ends with `audit: OK` (exit 0) or `audit: FAILED: <first broken
+global adapter hash, the checkpoint's check and, with security.keep_uploads, the replay of
+the aggregation from the stored uploads) and ends with `audit: OK` (exit 0) or `audit: FAILED: <first broken
 link>` (exit 1).
 """
 
@@ -38,7 +39,9 @@ def main(argv):
   report = audit.audit_workdir(_WORKDIR.value)
   for block in report.blocks:
     status = report.checkpoints.get(block["round"]) if block["kind"] == "round" else None
-    print(_describe(block) + (f" | checkpoint {status}" if status else ""))
+    uploads = report.uploads.get(block["round"])
+    print(_describe(block) + (f" | checkpoint {status}" if status else "") +
+          (f" | uploads {uploads}" if uploads else ""))
   problem = report.first_problem()
   if problem is None:
     print(f"audit: OK ({len(report.blocks)} blocks, {len(report.checkpoints)} checkpoints "

@@ -173,6 +173,59 @@ def _corrupt_checkpoint(step_dir):
     target.write_bytes(bytes(data))
 
 
+@pytest.fixture(scope="module")
+def replay_run(data, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("replay_run")
+  fed = build(data, workdir=workdir, **{"run.rounds": 2, "security.keep_uploads": True,
+                                        "faults.sites": "narrative_hospital:scale",
+                                        "security.max_update_norm": 5.0})
+  fed.run_rounds()
+  fed.checkpointer.close()
+  return workdir
+
+
+def test_stored_uploads_replay_to_the_recorded_global(replay_run):
+  report = audit.audit_workdir(replay_run)
+  assert report.ok, report.first_problem()
+  assert all(v.startswith("ok (replayed") for v in report.uploads.values())
+  assert set(report.uploads) == {1, 2}
+  # The scaled site was received (its upload is kept for forensics) but not aggregated.
+  status = {e["site"]: e["status"] for e in report.blocks[1]["entries"]}
+  assert status["narrative_hospital"] == "quarantined:norm"
+  assert (replay_run / "uploads" / "round_000001" / "narrative_hospital.bin").is_file()
+
+
+def test_a_rewritten_history_with_valid_hashes_fails_the_replay(replay_run, tmp_path):
+  """A server that changes a weight and re-hashes the whole chain keeps the chain valid,
+  but the stored uploads no longer average to the recorded global adapter."""
+  workdir = _copy(replay_run, tmp_path)
+  path = workdir / ledger_lib.FILENAME
+  blocks = [json.loads(l) for l in path.read_text().splitlines()]
+  accepted = [e for e in blocks[1]["entries"] if e["status"] == "accepted"]
+  accepted[0]["weight"], accepted[1]["weight"] = accepted[1]["weight"], accepted[0]["weight"]
+  prev = ledger_lib.ZERO_HASH
+  for b in blocks:
+    b["prev"] = prev
+    b["hash"] = ledger_lib.block_hash(b)
+    prev = b["hash"]
+  path.write_text("".join(json.dumps(b, sort_keys=True) + "\n" for b in blocks))
+  report = audit.audit_workdir(workdir)
+  assert report.broken is None
+  assert "not the recorded weighted mean" in report.uploads[1]
+  assert report.first_problem().startswith("uploads of round 1")
+
+
+def test_a_modified_stored_upload_is_found(replay_run, tmp_path):
+  workdir = _copy(replay_run, tmp_path)
+  f = workdir / "uploads" / "round_000002" / "discharge_summary.bin"
+  data = bytearray(f.read_bytes())
+  data[-3] ^= 0x01
+  f.write_bytes(bytes(data))
+  report = audit.audit_workdir(workdir)
+  assert report.uploads[2] == ("the stored upload of discharge_summary differs from the hash "
+                               "it was signed with")
+
+
 def test_replayed_and_unsigned_uploads_are_rejected_in_a_round(data, tmp_path):
   fed = build(data, workdir=tmp_path, **{
       "run.rounds": 2, "faults.sites": "narrative_hospital:replay,discharge_summary:unsigned"})

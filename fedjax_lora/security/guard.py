@@ -65,14 +65,31 @@ class RoundGuard:
                      "those rounds are re-run")
       if blocks:
         return
+    if self.security.keep_uploads:
+      self._write(self.uploads_dir / "initial.bin",
+                  identity.tree_bytes(self.fed.initial_state()["global"]))
     self.ledger.append(0, "genesis", genesis)
+
+  @property
+  def uploads_dir(self):
+    return self.fed.workdir / "uploads"
+
+  @staticmethod
+  def _write(path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
   def _genesis_fields(self) -> dict:
     registry = (self.fed.workdir / "identity" / identity.REGISTRY).read_bytes()
     initial = self.fed.initial_state()
     return {"config_hash": self.security.config_hash,
             "initial_global_hash": identity.tree_hash(initial["global"]),
-            "registry_hash": identity.bytes_hash(registry)}
+            "registry_hash": identity.bytes_hash(registry),
+            "aggregator": self.fed.aggregator.name,
+            "sends": list(self.fed.aggregator.sends),
+            "secure_aggregation": self.security.secure_aggregation}
 
   # ---- between training and aggregation ------------------------------------------------------
   def check_uploads(self, r: int, idx, present, global_params, client_out):
@@ -82,15 +99,15 @@ class RoundGuard:
     uploads = jax.device_get(client_out["trained"]["global"])
     sends = self.fed.aggregator.sends
     report = {"hashes": {}, "rejected": {}, "masking": {}, "row": {}}
-    payloads = {}
-    for i, name in enumerate(names):
-      if accepted[i]:
-        payloads[name] = identity.tree_bytes(select_factors(_client(uploads, i), sends))
     secure = None
-    if self.security.secure_aggregation:
+    if self.security.secure_aggregation:  # the server receives masked vectors only
       secure = self._mask_uploads(r, names, accepted, jax.device_get(global_params), uploads,
                                   report)
       payloads = {n: v.tobytes() for n, v in secure["masked"].items()}
+    else:
+      payloads = {name: identity.tree_bytes(select_factors(_client(uploads, i), sends))
+                  for i, name in enumerate(names) if accepted[i]}
+    report["payloads"] = payloads
     if self.security.ledger:
       for i, name in enumerate(names):
         if name not in payloads:
@@ -243,6 +260,11 @@ class RoundGuard:
     fields = {"entries": entries,
               "global_hash": identity.tree_hash(self.fed.state["global"]),
               "state_hash": identity.tree_hash(self.fed.checkpoint_state())}
+    if self.security.keep_uploads:
+      folder = self.uploads_dir / f"round_{r:06d}"
+      for name, payload in report["payloads"].items():
+        self._write(folder / f"{name}.bin", payload)
+      self._write(folder / "global.bin", identity.tree_bytes(self.fed.state["global"]))
     if "epsilon" in row:
       fields["epsilon"] = row["epsilon"]
     if "client_epsilon" in row:

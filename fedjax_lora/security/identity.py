@@ -58,6 +58,30 @@ def tree_bytes(tree: Any) -> bytes:
   return b"".join(parts)
 
 
+def parse_tree_bytes(data: bytes, where: str = "payload") -> dict:
+  """Inverse of `tree_bytes`: a nested dict of numpy arrays (for replaying stored uploads)."""
+  tree: dict = {}
+  offset = 0
+  while offset < len(data):
+    end = data.find(b"\n", offset)
+    try:
+      path, dtype, shape = data[offset:end].decode().split("|")
+      dtype, shape = np.dtype(dtype), tuple(json.loads(shape))
+    except (ValueError, UnicodeDecodeError) as e:
+      raise IdentityError(f"{where}: bad tensor header at byte {offset} ({e})") from None
+    size = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    if end < 0 or end + 1 + size > len(data):
+      raise IdentityError(f"{where}: tensor {path} is truncated")
+    arr = np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=end + 1).reshape(shape)
+    node = tree
+    *parents, leaf = path.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = arr.astype(dtype.newbyteorder("="))
+    offset = end + 1 + size
+  return tree
+
+
 def tree_hash(tree: Any) -> str:
   """Hex SHA-256 of `tree_bytes`: the same for a tree and its Orbax-restored copy."""
   return hashlib.sha256(tree_bytes(tree)).hexdigest()
