@@ -253,6 +253,18 @@ class RoundCheckpointer:
     return step
 
   # ---- restoring --------------------------------------------------------------------------------
+  def structure_mismatch(self, round: int, target: Any) -> str | None:  # noqa: A002
+    """What differs between round `round`'s stored tree and `target` (None: they match);
+    tells a checkpoint written under another config from a damaged one."""
+    step = self._resolve(round)
+    stored = self._manager.item_metadata(step)[STATE]
+    try:
+      _check_matches(getattr(stored, "tree", stored), storage_target(target),
+                     f"round {step} in {self.directory}")
+    except ValueError as e:
+      return str(e)
+    return None
+
   def restore_on_host(self, round: int) -> tuple[Any, dict]:  # noqa: A002
     """Restores round `round` onto this process's first device, whatever mesh wrote it
     (for audits and tools that have neither the run's config nor its devices)."""

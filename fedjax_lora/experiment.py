@@ -65,11 +65,12 @@ def _check_privacy(config, alg_name: str) -> None:
   if not 0.0 < pv["delta"] < 1.0:
     raise ConfigError(f"config.privacy.delta must be in (0, 1), got {pv['delta']}")
   for prefix in ("example", "client"):
-    clip, noise, target = (pv[f"{prefix}_clip"], pv[f"{prefix}_noise"],
-                           pv[f"{prefix}_target_epsilon"])
-    if clip < 0 or noise < 0 or target < 0:
-      raise ConfigError(f"config.privacy.{prefix}_clip, {prefix}_noise and "
-                        f"{prefix}_target_epsilon must be >= 0")
+    for field in ("clip", "noise", "target_epsilon"):
+      value = pv[f"{prefix}_{field}"]
+      if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"config.privacy.{prefix}_{field} must be a finite number >= 0, "
+                          f"got {value}")
+    noise, target = pv[f"{prefix}_noise"], pv[f"{prefix}_target_epsilon"]
     if noise > 0 and target > 0:
       raise ConfigError(f"config.privacy: set {prefix}_noise or {prefix}_target_epsilon, not "
                         "both (the target decides the noise)")
@@ -89,8 +90,10 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
   if sec["max_update_norm"] < 0:
     raise ConfigError(f"config.security.max_update_norm must be >= 0, got "
                       f"{sec['max_update_norm']}")
-  if not 0.0 <= sec["secagg_threshold"] < 1.0:
-    raise ConfigError("config.security.secagg_threshold must be in [0, 1)")
+  if not 0.5 <= sec["secagg_threshold"] < 1.0:
+    raise ConfigError(f"config.security.secagg_threshold must be in [0.5, 1), got "
+                      f"{sec['secagg_threshold']}: below a majority, two disjoint groups of "
+                      "share holders could unmask one site")
   if not 8 <= sec["secagg_frac_bits"] <= 40:
     raise ConfigError("config.security.secagg_frac_bits must be in [8, 40]")
   if sec["keep_uploads"] and not sec["ledger"]:
@@ -104,6 +107,9 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
           f"{alg_name}: {SECAGG_WHY.get(aggregator, 'it needs individual updates')}, and "
           "the server never sees one under secure aggregation. Compatible: "
           f"{', '.join(SECAGG_COMPATIBLE)}")
+    if config.run.clients_per_round == 1 or len(sites) < 2:
+      raise ConfigError("config.security.secure_aggregation needs at least 2 clients per "
+                        "round: the sum of one update is that update")
     if sec["max_update_norm"] > 0:
       raise ConfigError("config.security.max_update_norm cannot be checked under "
                         "secure_aggregation (the server never sees an individual update); "
@@ -222,15 +228,26 @@ def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tupl
   example, client = pv["example_noise"], pv["client_noise"]
   if pv["example_target_epsilon"] > 0:
     per_step = run.batch_size * run.accumulation
-    example = max(accounting.calibrate_noise(
-        pv["example_target_epsilon"], min(1.0, per_step / len(s.train)),
-        steps_per_round(len(s.train), run.batch_size, run.accumulation, run.epochs) * run.rounds,
-        pv["delta"]) for s in sites)
+    try:
+      example = max(accounting.calibrate_noise(
+          pv["example_target_epsilon"], min(1.0, per_step / len(s.train)),
+          steps_per_round(len(s.train), run.batch_size, run.accumulation, run.epochs)
+          * run.rounds, pv["delta"]) for s in sites)
+    except ValueError as e:
+      raise ConfigError(f"config.privacy.example_target_epsilon="
+                        f"{pv['example_target_epsilon']}: cannot calibrate DP-SGD noise ({e})"
+                        ) from None
     log(f"DP-SGD: noise multiplier {example:.4f} gives every site epsilon <= "
         f"{pv['example_target_epsilon']} at delta {pv['delta']} after {run.rounds} rounds")
   if pv["client_target_epsilon"] > 0:
-    client = accounting.calibrate_noise(pv["client_target_epsilon"],
-                                        clients_per_round / len(sites), run.rounds, pv["delta"])
+    try:
+      client = accounting.calibrate_noise(pv["client_target_epsilon"],
+                                          clients_per_round / len(sites), run.rounds,
+                                          pv["delta"])
+    except ValueError as e:
+      raise ConfigError(f"config.privacy.client_target_epsilon="
+                        f"{pv['client_target_epsilon']}: cannot calibrate DP-FedAvg noise ({e})"
+                        ) from None
     log(f"DP-FedAvg: noise multiplier {client:.4f} gives client-level epsilon <= "
         f"{pv['client_target_epsilon']} at delta {pv['delta']} after {run.rounds} rounds")
   return example, client
@@ -316,9 +333,27 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   return fed
 
 
+# Fields a resumed run may change without becoming another run: how long it goes on, how
+# often and how much it evaluates, how many checkpoints it keeps.
+RESUMABLE_FIELDS = (("run", "rounds"), ("run", "eval_every"), ("run", "keep_last"),
+                    ("run", "best_metric"), ("run", "best_mode"), ("eval",))
+
+
 def config_hash(config) -> str:
-  """SHA-256 of the config's canonical JSON (what the ledger's genesis block commits to)."""
+  """SHA-256 of the config's canonical JSON without RESUMABLE_FIELDS (what the ledger's
+  genesis block commits to). run.rounds stays in when a target epsilon is set: it decides
+  the calibrated noise, so changing it changes the run."""
   import hashlib
   import json
-  text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  tree = json.loads(config.to_json_best_effort())
+  pv = tree.get("privacy", {})
+  targets = pv.get("example_target_epsilon", 0) or pv.get("client_target_epsilon", 0)
+  for path in RESUMABLE_FIELDS:
+    if path == ("run", "rounds") and targets:
+      continue
+    node = tree
+    for key in path[:-1]:
+      node = node.get(key, {})
+    node.pop(path[-1], None)
+  text = json.dumps(tree, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()

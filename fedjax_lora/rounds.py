@@ -137,16 +137,21 @@ def train_clients(spec: RoundSpec, graphdef, base, state: dict, sites: dict, bat
   return out, {"client_" + k: v for k, v in client_metrics.items()}
 
 
-def quarantine(global_params, uploads, present, max_norm: float = 0.0):
-  """(accepted [K], metrics): drops present uploads that are non-finite or whose update norm
-  ||y_k − x|| exceeds `max_norm` (0: no bound). Runs before anything looks at the values."""
+def quarantine(global_params, uploads, present, max_norm: float = 0.0,
+               sends: tuple[str, ...] = ("a", "b")):
+  """(accepted [K], uploads, metrics): drops present uploads that are non-finite or whose
+  update norm ||y_k − x|| exceeds `max_norm` (0: no bound), judged on the factors the
+  aggregator takes (`sends`; fedsa_lora's personal B never reaches the server). A dropped
+  upload is replaced by x, so no NaN can reach any later arithmetic."""
+  sent_y, sent_x = select_factors(uploads, sends), select_factors(global_params, sends)
   finite = jnp.ones(present.shape, bool)
-  for leaf in jax.tree.leaves(uploads):
+  for leaf in jax.tree.leaves(sent_y):
     finite &= jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
   safe = jax.tree.map(lambda y, x: jnp.where(
       finite.reshape((-1,) + (1,) * (y.ndim - 1)), y, x[None].astype(y.dtype)),
       uploads, global_params)
-  norms = agg_base.per_client_norm(agg_base.client_deltas(global_params, safe, present))
+  norms = agg_base.per_client_norm(agg_base.client_deltas(
+      sent_x, select_factors(safe, sends), present))
   too_big = (norms > max_norm) if max_norm > 0 else jnp.zeros(present.shape, bool)
   accepted = present & finite & ~too_big
   metrics = {"client_update_norm": jnp.where(finite, norms, jnp.inf),
@@ -176,7 +181,7 @@ def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, b
   token_counts = token_counts.astype(jnp.float32)
   if secure_delta is None:
     accepted, trained["global"], q_metrics = quarantine(global_params, trained["global"],
-                                                        present, max_norm)
+                                                        present, max_norm, aggregator.sends)
     metrics.update(q_metrics)
   else:
     accepted = present

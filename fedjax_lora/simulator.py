@@ -34,6 +34,10 @@ class ConfigError(ValueError):
   """A federation setting that cannot work; raised before any training."""
 
 
+class ResumeError(ValueError):
+  """A workdir that cannot be resumed as asked (names the directory and what to do)."""
+
+
 @dataclasses.dataclass
 class SiteData:
   name: str
@@ -338,6 +342,8 @@ class Federation:
           placed["idx"], placed["keys"], placed["rank"], fault)
       accepted, secure_delta, report = self.guard.check_uploads(r, idx, present, core["global"],
                                                                 client_out)
+      if secure_delta is not None:
+        client_out = self.guard.server_view(client_out, core["global"])
       core, sites, metrics = self.aggregate_fn(
           self.base, core, self.state["sites"], client_out, placed["idx"],
           self.place(accepted, True), placed["counts"], self.val, placed["rank"], noise_key,
@@ -482,19 +488,32 @@ class Federation:
     a corrupted or partial one is set aside with a warning and the one before is used.
     Metrics and ledger entries of rounds after it are dropped: they will be re-run."""
     if self.checkpointer is None or self.checkpointer.latest_round() is None:
+      if self.workdir is not None:
+        self._truncate_metrics(0)  # killed during round 1: nothing of it was kept
       if self.guard is not None:
         self.guard.start()
       return 0
     target = self.checkpoint_state()
+    if self.guard is not None:
+      self.guard.check_resumable()  # a missing or broken ledger stops here, moving nothing
     restored = metrics = None
     for r in sorted(self.checkpointer.all_rounds(), reverse=True):
       try:
-        restored, metrics = self.checkpointer.restore(r, target=target)
+        mismatch = self.checkpointer.structure_mismatch(r, target)
+      except Exception as e:  # noqa: BLE001 - unreadable metadata is damage, not a config issue
+        mismatch, problem = None, f"has unreadable metadata ({type(e).__name__}: {str(e)[:160]})"
+      else:
         problem = None
-      except Exception as e:  # noqa: BLE001 - any failure to read means "not usable"
-        problem = f"cannot be restored ({type(e).__name__}: {str(e)[:200]})"
+      if mismatch:
+        raise ResumeError(f"{self.workdir / 'checkpoints'}: {mismatch}; resume with the config "
+                          "the run was started with (its config.json)")
+      if problem is None:
+        try:
+          restored, metrics = self.checkpointer.restore(r, target=target)
+        except Exception as e:  # noqa: BLE001 - any failure to read the data means "damaged"
+          problem = f"cannot be restored ({type(e).__name__}: {str(e)[:200]})"
       if problem is None and self.guard is not None:
-        problem = self.guard.check_checkpoint(r, restored)  # a broken ledger raises
+        problem = self.guard.check_checkpoint(r, restored)
       if problem is None:
         break
       aside = self.checkpointer.set_aside(r, self.workdir / "checkpoints_rejected")
@@ -502,8 +521,9 @@ class Federation:
                "previous one")
       restored = None
     if restored is None:
-      raise RuntimeError(f"no usable checkpoint in {self.workdir / 'checkpoints'}; every one "
-                         "failed its check (see the warnings above)")
+      raise ResumeError(f"no usable checkpoint in {self.workdir / 'checkpoints'}: every one "
+                        "failed its check (see the warnings above; they are kept in "
+                        "checkpoints_rejected/)")
     self.state = self.place(dict(restored), False)
     r = int(self.state["round"])
     self.dp_steps.update(metrics.get("dp_steps", {}))
@@ -518,7 +538,13 @@ class Federation:
     if not path.exists():
       return
     lines = [l for l in path.read_text().splitlines() if l.strip()]
-    keep = [l for l in lines if json.loads(l).get("round", 0) <= round_index]
+
+    def kept(line: str) -> bool:
+      try:
+        return json.loads(line).get("round", 0) <= round_index
+      except json.JSONDecodeError:  # a row torn by a kill: it belongs to a re-run round
+        return False
+    keep = [l for l in lines if kept(l)]
     if len(keep) != len(lines):
       tmp = path.with_suffix(".tmp")
       tmp.write_text("".join(l + "\n" for l in keep))

@@ -25,8 +25,12 @@ def _describe(block: dict) -> str:
            f"{block['initial_global_hash'][:12]}"
   parts = []
   for e in block.get("entries", []):
-    tag = f"{e['site']}={e['weight']:.2f}" if e["status"] == "accepted" else \
-        f"{e['site']}:{e['status']}"
+    if e["status"] != "accepted":
+      tag = f"{e['site']}:{e['status']}"
+    elif e["weight"] is None:  # the rule does not weight sites (median, dp_fedavg, ...)
+      tag = f"{e['site']}=accepted"
+    else:
+      tag = f"{e['site']}={e['weight']:.2f}"
     parts.append(tag)
   return f"round {block['round']:3d} | {' '.join(parts)} | global {block['global_hash'][:12]}"
 

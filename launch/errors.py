@@ -9,13 +9,14 @@ from fedjax_lora.privacy.secagg import SecAggError
 from fedjax_lora.security.identity import IdentityError
 from fedjax_lora.security.ledger import LedgerError
 from fedjax_lora.simulator import ConfigError as FederationConfigError
+from fedjax_lora.simulator import ResumeError
 from models.config import ConfigError
 from models.hf_checkpoint import CheckpointError
 from models.peft_io import AdapterError
 from models.tokenizer import TokenizerError
 
 INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError, DataError,
-                FederationConfigError, IdentityError, LedgerError, SecAggError)
+                FederationConfigError, IdentityError, LedgerError, SecAggError, ResumeError)
 
 
 def run(main):

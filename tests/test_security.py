@@ -62,6 +62,28 @@ def test_valid_upload_verifies_and_every_bad_one_is_rejected(keys):
     assert e.value.reason == reason
 
 
+def test_a_valid_upload_of_another_site_is_not_this_sites_upload(keys):
+  ids, verifier = keys
+  h = identity.bytes_hash(b"update of b")
+  with pytest.raises(identity.RejectedUpload) as e:
+    verifier.verify(identity.sign_upload(ids["b"], 1, h), 1, h, ids["a"].client_id)
+  assert e.value.reason == "wrong_client"
+  verifier.verify(identity.sign_upload(ids["b"], 1, h), 1, h, ids["b"].client_id)
+
+
+def test_label_flip_permutes_supervised_tokens_only():
+  from fedjax_lora import faults
+  perm = faults.label_permutation(50, (0, 1, 2), seed=3)
+  assert sorted(perm) == list(range(50)) and list(perm[:3]) == [0, 1, 2]
+  tokens = np.arange(5, 25).reshape(2, 10)
+  loss = np.zeros((2, 10), np.float32)
+  loss[:, 6:] = 1
+  out = faults.flip_labels({"tokens": tokens, "loss_mask": loss}, perm)["tokens"]
+  np.testing.assert_array_equal(out[:, :6], tokens[:, :6])
+  np.testing.assert_array_equal(out[:, 6:], perm[tokens[:, 6:]])
+  assert (out[:, 6:] != tokens[:, 6:]).any()
+
+
 def test_serialization_is_deterministic_and_sensitive():
   tree = {"q": {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}}
   same = {"q": {"b": np.ones(2, np.float32), "a": np.arange(6, dtype=np.float32).reshape(2, 3)}}
@@ -226,6 +248,50 @@ def test_a_modified_stored_upload_is_found(replay_run, tmp_path):
                                "it was signed with")
 
 
+def test_an_edited_signature_is_found_even_in_a_rehashed_chain(replay_run, tmp_path):
+  workdir = _copy(replay_run, tmp_path)
+  path = workdir / ledger_lib.FILENAME
+  blocks = [json.loads(l) for l in path.read_text().splitlines()]
+  entry = next(e for e in blocks[2]["entries"] if e["status"] == "accepted")
+  entry["update_hash"] = identity.bytes_hash(b"a different update")
+  prev = ledger_lib.ZERO_HASH
+  for b in blocks:
+    b["prev"], b["hash"] = prev, None
+    b["hash"] = prev = ledger_lib.block_hash(b)
+  path.write_text("".join(json.dumps(b, sort_keys=True) + "\n" for b in blocks))
+  report = audit.audit_workdir(workdir)
+  assert report.broken is None
+  assert "bad_signature" in report.signatures[2]
+  assert report.first_problem().startswith("signatures of round 2")
+
+
+def test_resume_without_the_ledger_it_needs_moves_nothing(replay_run, data, tmp_path):
+  from fedjax_lora.simulator import ResumeError
+  workdir = _copy(replay_run, tmp_path)
+  (workdir / ledger_lib.FILENAME).unlink()
+  fed = build(data, workdir=workdir, **{"run.rounds": 2, "security.keep_uploads": True,
+                                        "faults.sites": "narrative_hospital:scale",
+                                        "security.max_update_norm": 5.0})
+  with pytest.raises(ResumeError, match="security.ledger=False"):
+    fed.resume()
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+  other = build(data, workdir=_copy(replay_run, tmp_path / "b"),
+                **{"run.rounds": 2, "keep_optimizer_state": True})
+  with pytest.raises(ResumeError, match="does not match the restore target"):
+    other.resume()
+
+
+def test_a_resumed_run_may_go_on_for_more_rounds(replay_run, data, tmp_path):
+  workdir = _copy(replay_run, tmp_path)
+  kw = {"security.keep_uploads": True, "faults.sites": "narrative_hospital:scale",
+        "security.max_update_norm": 5.0}
+  fed = build(data, workdir=workdir, **{"run.rounds": 3, **kw})
+  assert fed.resume() == 2
+  fed.run_rounds()
+  fed.checkpointer.close()
+  assert audit.audit_workdir(workdir).ok
+
+
 def test_replayed_and_unsigned_uploads_are_rejected_in_a_round(data, tmp_path):
   fed = build(data, workdir=tmp_path, **{
       "run.rounds": 2, "faults.sites": "narrative_hospital:replay,discharge_summary:unsigned"})
@@ -248,6 +314,40 @@ def test_a_nan_site_is_quarantined_and_the_rest_are_aggregated(data):
     for x, y in zip(jax.tree.leaves(_global(fed)), jax.tree.leaves(_global(ref))):
       assert np.isfinite(x).all()
       np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_fedsa_personal_factors_do_not_count_toward_the_norm_bound(data):
+  """fedsa_lora's B stays at the site, so only A's change is the site's update."""
+  fed = build(data, **{"security.ledger": False, "algorithm": "fedsa_lora", "run.rounds": 3})
+  fed.run_rounds()
+  a_only = max(max(r["update_norm"].values()) for r in fed.history)
+  bounded = build(data, **{"security.ledger": False, "algorithm": "fedsa_lora",
+                           "run.rounds": 3, "security.max_update_norm": 1.01 * a_only})
+  bounded.run_rounds()
+  assert not any(r.get("quarantined_norm") for r in bounded.history)
+
+
+def test_zero_noise_dp_is_logged_as_infinite_epsilon_in_the_ledger(data, tmp_path):
+  fed = build(data, workdir=tmp_path, **{"privacy.example_clip": 1.0, "run.rounds": 1})
+  fed.run_rounds()
+  fed.checkpointer.close()
+  assert all(e == float("inf") for e in fed.history[0]["epsilon"].values())
+  block = ledger_lib.Ledger(tmp_path).block(1)
+  assert set(block["epsilon"].values()) == {"inf"}
+  assert audit.audit_workdir(tmp_path).ok
+
+
+def test_secure_aggregation_with_too_few_sites_keeps_the_global(data):
+  fed = build(data, **{"security.ledger": False, "security.secure_aggregation": True,
+                       "faults.sites": "telegraphic_clinic:dropout,"
+                                       "narrative_hospital:drop_after_masking"})
+  start = _global(fed)
+  row = fed.step()
+  assert row["weights"] == {}
+  assert row["secagg_dropped"] == {"discharge_summary": "no_quorum",
+                                   "narrative_hospital": "dropped_after_masking"}
+  for x, y in zip(jax.tree.leaves(_global(fed)), jax.tree.leaves(start)):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_norm_bound_quarantines_a_scaled_update(data):
@@ -277,7 +377,7 @@ def test_robust_aggregators_resist_one_bad_site_where_fedavg_does_not(data, faul
     assert errors["fedavg"] > 10
     assert errors["median"] < 1.5 and errors["trimmed_mean"] < 1.5
   else:
-    assert errors["median"] < errors["fedavg"] * 1.5 + 1.0
+    assert errors["median"] < errors["fedavg"] and errors["trimmed_mean"] < errors["fedavg"]
 
 
 # ---- secure aggregation in a federation ----------------------------------------------------------

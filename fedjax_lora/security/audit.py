@@ -28,18 +28,24 @@ class AuditReport:
   registry_ok: bool | None = None
   checkpoints: dict[int, str] = dataclasses.field(default_factory=dict)  # round -> "ok" | problem
   uploads: dict[int, str] = dataclasses.field(default_factory=dict)  # round -> "ok..." | problem
+  signatures: dict[int, str] = dataclasses.field(default_factory=dict)  # round -> "ok" | problem
 
   @property
   def ok(self) -> bool:
     return (self.broken is None and self.registry_ok is not False and
             all(v == "ok" for v in self.checkpoints.values()) and
+            all(v == "ok" for v in self.signatures.values()) and
             all(v.startswith("ok") for v in self.uploads.values()))
 
   def first_problem(self) -> str | None:
     if self.broken is not None:
       return f"ledger {self.broken}"
     if self.registry_ok is False:
-      return "identity/registry.json differs from the keys the genesis block committed to"
+      return ("identity/registry.json is missing or differs from the keys the genesis block "
+              "committed to")
+    for r, status in sorted(self.signatures.items()):
+      if status != "ok":
+        return f"signatures of round {r}: {status}"
     for r, status in sorted(self.checkpoints.items()):
       if status != "ok":
         return f"checkpoint of round {r}: {status}"
@@ -62,6 +68,27 @@ def _tree_close(a: dict, b: dict) -> float:
     else:
       worst = max(worst, float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]), initial=0)))
   return worst
+
+
+def verify_signatures(registry, blocks: list[dict]) -> dict[int, str]:
+  """Re-checks every signature the server accepted (statuses other than absent, rejected
+  or dropped) against the committed key registry."""
+  out = {}
+  for block in blocks[1:]:
+    out[block["round"]] = "ok"
+    for e in block.get("entries", []):
+      if e["status"] == "absent" or e["status"].startswith(("rejected", "dropped")):
+        continue
+      upload = identity.SignedUpload(block["round"], e["client_id"], e["update_hash"] or "",
+                                     bytes.fromhex(e["signature"]) if e.get("signature")
+                                     else None)
+      try:
+        identity.UploadVerifier(registry).verify(upload, block["round"], upload.update_hash,
+                                                 e["client_id"])
+      except identity.RejectedUpload as err:
+        out[block["round"]] = f"{e['site']}'s upload was accepted but {err}"
+        break
+  return out
 
 
 def replay_uploads(workdir: Path, blocks: list[dict]) -> dict[int, str]:
@@ -136,9 +163,11 @@ def audit_workdir(workdir: str | Path) -> AuditReport:
   blocks, broken = ledger_lib.verify_chain(path)
   report = AuditReport(blocks, broken)
   registry = workdir / "identity" / identity.REGISTRY
-  if blocks and registry.exists():
-    report.registry_ok = identity.bytes_hash(registry.read_bytes()) == \
-        blocks[0].get("registry_hash")
+  if blocks:
+    report.registry_ok = registry.exists() and identity.bytes_hash(
+        registry.read_bytes()) == blocks[0].get("registry_hash")
+  if report.registry_ok:
+    report.signatures = verify_signatures(identity.load_registry(registry.parent), blocks)
   by_round = {b["round"]: b for b in blocks}
   report.uploads = replay_uploads(workdir, blocks)
   ckpt_dir = workdir / "checkpoints"

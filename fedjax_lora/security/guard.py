@@ -14,6 +14,7 @@ import json
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -25,8 +26,28 @@ if TYPE_CHECKING:
   from fedjax_lora.simulator import Federation, SecurityConfig
 
 
+# Aggregators that ignore the token weights p_k: median and trimmed mean (order statistics),
+# SCAFFOLD (plain mean), DP-FedAvg (fixed 1 / expected clients). The ledger records null.
+UNWEIGHTED = ("median", "trimmed_mean", "scaffold", "dp_fedavg")
+# A "sum" of one update is that update: below two survivors secure aggregation aggregates
+# nothing. (With exactly two, each site can subtract its own update from the new global and
+# learn the other's; the server still cannot. WORKSPACE.md, threat model.)
+MIN_SECAGG_SURVIVORS = 2
+
+
 def _client(tree, i: int):
   return jax.tree.map(lambda x: x[i], tree)
+
+
+def _json_safe(value):
+  """Non-finite floats as strings ("inf": e.g. epsilon without noise), for strict JSON."""
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, float) and not np.isfinite(value):
+    return str(value)
+  return value
 
 
 class RoundGuard:
@@ -54,6 +75,9 @@ class RoundGuard:
     self.ledger = ledger_lib.Ledger(workdir)
     genesis = self._genesis_fields()
     if self.ledger.exists():
+      if self.ledger.repair_tail():
+        self.fed.log(f"ledger: dropped a half-written last line of {self.ledger.path} (the "
+                     "run was killed while appending it)")
       blocks = self.ledger.blocks()  # raises LedgerError at the first broken link
       if blocks and {k: blocks[0].get(k) for k in genesis} != genesis:
         raise ledger_lib.LedgerError(
@@ -69,6 +93,19 @@ class RoundGuard:
       self._write(self.uploads_dir / "initial.bin",
                   identity.tree_bytes(self.fed.initial_state()["global"]))
     self.ledger.append(0, "genesis", genesis)
+
+  def check_resumable(self) -> None:
+    """Before a resume touches any checkpoint: a ledger run needs its ledger, intact."""
+    if not self.security.ledger:
+      return
+    ledger = ledger_lib.Ledger(self.fed.workdir)
+    if not ledger.exists():
+      from fedjax_lora.simulator import ResumeError
+      raise ResumeError(f"{self.fed.workdir}: checkpoints but no {ledger_lib.FILENAME} (the "
+                        "run was started without security.ledger); resume it with "
+                        "--config.security.ledger=False")
+    ledger.repair_tail()
+    ledger.blocks()  # LedgerError naming the first broken link
 
   @property
   def uploads_dir(self):
@@ -98,7 +135,7 @@ class RoundGuard:
     accepted = np.array(present, bool)
     uploads = jax.device_get(client_out["trained"]["global"])
     sends = self.fed.aggregator.sends
-    report = {"hashes": {}, "rejected": {}, "masking": {}, "row": {}}
+    report = {"hashes": {}, "signatures": {}, "rejected": {}, "masking": {}, "row": {}}
     secure = None
     if self.security.secure_aggregation:  # the server receives masked vectors only
       secure = self._mask_uploads(r, names, accepted, jax.device_get(global_params), uploads,
@@ -115,8 +152,9 @@ class RoundGuard:
         digest = identity.bytes_hash(payloads[name])
         report["hashes"][name] = digest
         upload = self._sign(name, r, digest)
+        report["signatures"][name] = None if upload.signature is None else upload.signature.hex()
         try:
-          self.verifier.verify(upload, r, digest)
+          self.verifier.verify(upload, r, digest, self.identities[name].client_id)
         except identity.RejectedUpload as e:
           accepted[i] = False
           report["rejected"][name] = e.reason
@@ -164,8 +202,15 @@ class RoundGuard:
         deltas[name] = np.concatenate([(np.asarray(a, np.float64) - np.asarray(b, np.float64))
                                        .ravel() for a, b in zip(y, leaves_x)])
     n = len(ids)
-    threshold = min(n, int(np.floor(self.security.secagg_threshold * n)) + 1)
-    clients = {c: secagg.SecAggClient(c, r, seed=self.fed.run.seed) for c in ids}
+    if n < MIN_SECAGG_SURVIVORS:
+      for c in ids:
+        report["masking"][c] = "no_quorum"
+      return {"clients": {}, "server": None, "masked": {}, "deltas": {}, "counts": counts}
+    threshold = min(n, max(MIN_SECAGG_SURVIVORS,
+                           int(np.floor(self.security.secagg_threshold * n)) + 1))
+    # Mask secrets come from the OS, not the run seed (which is in config.json): the sum,
+    # hence the run, does not depend on them, only the masked bytes do.
+    clients = {c: secagg.SecAggClient(c, r) for c in ids}
     server = secagg.SecAggServer(ids, threshold, self.security.secagg_frac_bits, round=r)
     for c in ids:
       server.add_public_key(c, clients[c].public_key)
@@ -199,10 +244,18 @@ class RoundGuard:
       elif name in clients:
         accepted[i] = False
     zeros = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), jax.device_get(global_params))
+    if server is None:  # fewer than two sites could take part
+      accepted[:] = False
+      self.fed.log(f"round {r}: secure aggregation needs at least {MIN_SECAGG_SURVIVORS} "
+                   "sites; the global adapter stays")
+      return zeros
     try:
       server.require_quorum()
     except secagg.SecAggError as e:
       self.fed.log(f"round {r}: secure aggregation failed ({e}); the global adapter stays")
+      for i, name in enumerate(names):
+        if accepted[i]:
+          report["masking"][name] = "no_quorum"
       accepted[:] = False
       return zeros
     gone = set(server.dropped)
@@ -210,7 +263,8 @@ class RoundGuard:
                 for o in clients}
     total, weight = server.aggregate(revealed)
     mean = total / weight
-    # What only a simulation can know: the exact mean, to report the quantization error.
+    # Simulation diagnostics, computed with what the server never sees (the individual
+    # deltas): the actual quantization error and its worst-case bound.
     exact = sum(secure["counts"][c] * secure["deltas"][c] for c in server.survivors) / \
         sum(secure["counts"][c] for c in server.survivors)
     max_abs = max(float(np.max(np.abs(secure["deltas"][c]), initial=0.0))
@@ -229,6 +283,19 @@ class RoundGuard:
       offset += leaf.size
     filled = jax.tree.unflatten(treedef, parts)
     return {t: {f: filled[t].get(f, ab[f]) for f in ab} for t, ab in zeros.items()}
+
+  def server_view(self, client_out: dict, global_params) -> dict:
+    """What the aggregation program may receive under secure aggregation: the sites' own
+    state (local adapters, personal factors) but, in place of every sent factor, the global
+    value, so no individual update reaches the server side even by mistake."""
+    sends = self.fed.aggregator.sends
+    trained = dict(client_out["trained"])
+
+    def hide(t, f, y):
+      return jnp.broadcast_to(global_params[t][f], y.shape).astype(y.dtype) if f in sends else y
+    trained["global"] = {t: {f: hide(t, f, y) for f, y in ab.items()}
+                         for t, ab in trained["global"].items()}
+    return {**client_out, "trained": trained}
 
   # ---- after aggregation ---------------------------------------------------------------------
   def record_round(self, r: int, idx, present, metrics, report: dict, row: dict) -> dict:
@@ -252,10 +319,13 @@ class RoundGuard:
         status = "quarantined:norm"
       else:
         status = "accepted"
+      weight = float(weights[i]) if status == "accepted" else 0.0
+      if self.fed.aggregator.name in UNWEIGHTED and status == "accepted":
+        weight = None  # the rule does not use p_k (see UNWEIGHTED)
       entries.append({"site": name, "client_id": self.identities[name].client_id,
                       "update_hash": report["hashes"].get(name),
-                      "weight": float(weights[i]) if status == "accepted" else 0.0,
-                      "status": status})
+                      "signature": report["signatures"].get(name),
+                      "weight": weight, "status": status})
     entries.sort(key=lambda e: e["client_id"])
     fields = {"entries": entries,
               "global_hash": identity.tree_hash(self.fed.state["global"]),
@@ -269,7 +339,7 @@ class RoundGuard:
       fields["epsilon"] = row["epsilon"]
     if "client_epsilon" in row:
       fields["client_epsilon"] = row["client_epsilon"]
-    return self.ledger.append(r, "round", json.loads(json.dumps(fields)))
+    return self.ledger.append(r, "round", _json_safe(fields))
 
   def check_checkpoint(self, r: int, restored) -> str | None:
     """None when round r's restored state hashes to its ledger block, else the problem."""

@@ -40,8 +40,8 @@ class RejectedUpload(Exception):
     self.reason = reason
 
 
-REJECT_REASONS = ("unsigned", "unregistered", "replayed", "duplicate", "hash_mismatch",
-                  "bad_signature")
+REJECT_REASONS = ("unsigned", "wrong_client", "unregistered", "replayed", "duplicate",
+                  "hash_mismatch", "bad_signature")
 
 
 # ---- deterministic serialization ---------------------------------------------------------------
@@ -215,9 +215,15 @@ class UploadVerifier:
     self.registry = dict(registry)
     self._seen: set[tuple[int, str]] = set()
 
-  def verify(self, upload: SignedUpload, round_index: int, payload_hash: str) -> None:
+  def verify(self, upload: SignedUpload, round_index: int, payload_hash: str,
+             expected_client_id: str | None = None) -> None:
+    """Raises RejectedUpload unless the upload is acceptable; `expected_client_id` is who the
+    server is receiving from (a valid upload of another site is not this site's upload)."""
     if upload.signature is None:
       raise RejectedUpload("unsigned", f"client {upload.client_id[:12]} sent no signature")
+    if expected_client_id is not None and upload.client_id != expected_client_id:
+      raise RejectedUpload("wrong_client", f"an upload of client {upload.client_id[:12]} "
+                           f"arrived from client {expected_client_id[:12]}")
     key = self.registry.get(upload.client_id)
     if key is None:
       raise RejectedUpload("unregistered", f"client {upload.client_id[:12]} is not registered")

@@ -109,6 +109,20 @@ class Ledger:
       os.fsync(f.fileno())
     return block
 
+  def repair_tail(self) -> bool:
+    """Drops a last line without its newline (a kill while appending); True if it did.
+
+    Only the unterminated tail goes: `append` writes a block and its newline in one call
+    and fsyncs, so every complete block ends with a newline."""
+    data = self.path.read_bytes()
+    if not data or data.endswith(b"\n"):
+      return False
+    keep = data[:data.rfind(b"\n") + 1]
+    tmp = self.path.with_suffix(".tmp")
+    tmp.write_bytes(keep)
+    os.replace(tmp, self.path)
+    return True
+
   def truncate_after(self, round_index: int) -> int:
     """Drops blocks of rounds after `round_index` (a resume re-runs them); returns how many.
 
