@@ -488,6 +488,29 @@ def test_kill_9_mid_run_then_resume_gives_identical_adapters(uninterrupted, tmp_
   assert [r["round"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("setting", [
+    {"privacy.example_clip": 0.5, "privacy.example_noise": 1.0},
+    {"security.secure_aggregation": True},
+])
+def test_resume_is_exact_with_dp_and_secure_aggregation(data, tmp_path, setting):
+  kw = {"run.rounds": 3, **setting}
+  full = build(data, workdir=tmp_path / "full", **kw)
+  full.run_rounds()
+  part = build(data, workdir=tmp_path / "part", **kw)
+  part.run_rounds(until=1)
+  part.checkpointer.close()
+  resumed = build(data, workdir=tmp_path / "part", **kw)
+  assert resumed.resume() == 1
+  resumed.run_rounds()
+  for x, y in zip(jax.tree.leaves(full.checkpoint_state()),
+                  jax.tree.leaves(resumed.checkpoint_state())):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  if "privacy.example_noise" in setting:
+    assert resumed.history[-1]["epsilon"] == full.history[-1]["epsilon"]
+  resumed.checkpointer.close()
+  assert audit.audit_workdir(tmp_path / "part").ok
+
+
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(ledger_run, data, tmp_path):
   workdir = _copy(ledger_run[0], tmp_path)
   _corrupt_checkpoint(workdir / "checkpoints" / "3")
