@@ -7,6 +7,8 @@ seconds with a message that names the field.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -14,12 +16,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from configs import federate as federate_defaults
 from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
 from fedjax_lora.client import ClientConfig, steps_per_round
 from fedjax_lora.data import prepare
+from fedjax_lora.privacy import accounting
 from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SecurityConfig, SiteData
 from models import hf_checkpoint, llama
 from models.config import LlamaConfig
@@ -54,8 +58,7 @@ SECAGG_WHY = {
 
 def _group(config, name: str) -> dict:
   """A config group as a dict of defaults + overrides (configs saved before it existed)."""
-  from configs import federate as defaults
-  base = getattr(defaults, f"{name}_config")().to_dict()
+  base = getattr(federate_defaults, f"{name}_config")().to_dict()
   given = config.get(name)
   return {**base, **(given.to_dict() if given is not None else {})}
 
@@ -223,7 +226,6 @@ def _aggregator(config, client_noise: float, expected_clients: int) -> agg_lib.A
 def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
   """(example-level sigma, client-level sigma): as configured, or calibrated so that the
   planned run (every site in every round) ends at the target epsilon."""
-  from fedjax_lora.privacy import accounting
   pv, run = _group(config, "privacy"), config.run
   example, client = pv["example_noise"], pv["client_noise"]
   if pv["example_target_epsilon"] > 0:
@@ -343,8 +345,6 @@ def config_hash(config) -> str:
   """SHA-256 of the config's canonical JSON without RESUMABLE_FIELDS (what the ledger's
   genesis block commits to). run.rounds stays in when a target epsilon is set: it decides
   the calibrated noise, so changing it changes the run."""
-  import hashlib
-  import json
   tree = json.loads(config.to_json_best_effort())
   pv = tree.get("privacy", {})
   targets = pv.get("example_target_epsilon", 0) or pv.get("client_target_epsilon", 0)

@@ -23,6 +23,7 @@ from fedjax_lora import batching, checkpointing, comm, faults
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.privacy import accounting
 from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
                                 validation_loss)
 from fedjax_lora.security import guard
@@ -380,10 +381,9 @@ class Federation:
 
   def _privacy(self, idx, present, metrics) -> dict:
     """Per-site epsilon of example-level DP-SGD and the run's client-level epsilon so far."""
-    from fedjax_lora.privacy import accounting
     out = {}
     client = self.spec.client
-    if getattr(client, "dp_clip", 0.0) > 0:
+    if client.dp:
       for i, k in enumerate(idx):
         if present[i]:
           self.dp_steps[self.sites[k].name] += int(metrics["client_steps"][i])

@@ -12,25 +12,8 @@ import pytest
 from fedjax_lora.aggregators import get_aggregator
 from fedjax_lora.client import (ClientConfig, _row_losses, clip_per_example, client_update,
                                 dp_gradient)
-from models import llama
-from models.config import LlamaConfig
-from models.lora import LoraAdapter, LoraSpec, init_adapter
-
-
-@pytest.fixture(scope="module")
-def tiny():
-  cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
-                    num_heads=4, num_kv_heads=2, head_dim=8)
-  graphdef, base = llama.init_model(cfg, seed=0)
-  spec = LoraSpec(rank=4, alpha=8.0)
-  params = init_adapter(cfg, spec, jax.random.key(0)).params
-  params = jax.tree.map(lambda x: x + 0.01, params)  # non-zero B so both factors get gradients
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(3, 64, size=(4, 12)).astype(np.int32)
-  mask = np.ones((4, 12), bool)
-  mask[1, 9:] = False  # ragged but real: token and example weighting differ
-  return graphdef, base, spec, params, {"tokens": tokens, "attention_mask": mask,
-                                        "loss_mask": mask.astype(np.float32)}
+from models.lora import LoraAdapter
+from tests.test_client import tiny  # noqa: F401  (the shared tiny model and ragged batch)
 
 
 def tree_norm(tree):

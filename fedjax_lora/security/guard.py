@@ -9,8 +9,6 @@ on the site side and the server only learns their weighted sum (fedjax_lora.priv
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import TYPE_CHECKING
 
 import jax
