@@ -57,7 +57,6 @@ class RoundGuard:
     self.identities: dict[str, identity.SiteIdentity] = {}
     self.verifier = None
     self.ledger = None
-    self.last_upload: dict[str, identity.SignedUpload] = {}
 
   # ---- setup ---------------------------------------------------------------------------------
   def start(self, resumed_round: int | None = None) -> None:
@@ -176,12 +175,14 @@ class RoundGuard:
       impostor = identity.SiteIdentity(name, ed25519.Ed25519PrivateKey.generate())
       sig = impostor.private_key.sign(identity.signed_message(r, me.client_id, digest))
       return identity.SignedUpload(r, me.client_id, digest, sig)
-    if kind == "replay":
-      old = self.last_upload.get(name) or identity.sign_upload(me, r - 1, digest)
-      return old
-    upload = identity.sign_upload(me, r, digest)
-    self.last_upload[name] = upload
-    return upload
+    if kind == "replay":  # resend the site's signed upload of the previous round
+      previous = self.ledger.block(r - 1) if r > 1 else None
+      for e in (previous or {}).get("entries", []):
+        if e["client_id"] == me.client_id and e.get("signature"):
+          return identity.SignedUpload(r - 1, me.client_id, e["update_hash"],
+                                       bytes.fromhex(e["signature"]))
+      return identity.sign_upload(me, r - 1, digest)  # nothing sent before: an old-round claim
+    return identity.sign_upload(me, r, digest)
 
   # ---- secure aggregation --------------------------------------------------------------------
   def _mask_uploads(self, r, names, accepted, global_params, uploads, report) -> dict:
