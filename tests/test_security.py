@@ -143,6 +143,8 @@ def test_a_valid_run_verifies_and_records_every_upload(ledger_run):
   weights = {e["site"]: e["weight"] for e in report.blocks[1]["entries"]}
   assert weights == pytest.approx(fed.history[0]["weights"])
   assert report.blocks[3]["global_hash"] == identity.tree_hash(fed.state["global"])
+  # Rounds with and without rejected sites reuse one executable per phase.
+  assert fed.train_fn._cache_size() == 1 and fed.aggregate_fn._cache_size() == 1
   proc = subprocess.run([sys.executable, "-m", "launch.audit", f"--workdir={workdir}"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "audit: OK (4 blocks, 3 checkpoints verified)" in proc.stdout
