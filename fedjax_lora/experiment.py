@@ -40,10 +40,8 @@ AGGREGATOR_OPTIONS = {
     "trimmed_mean": ("trim",),
     "norm_clip": ("max_norm",),
 }
-# Aggregators whose result is a weighted mean of the uploads (then a server step): the only
-# ones secure aggregation can serve, since the server learns nothing but that mean.
-SECAGG_COMPATIBLE = ("fedavg", "fedprox", "ffa_lora", "fedsa_lora", "dual_lora", "fedavgm",
-                     "fedadam", "fedyogi", "fedadagrad")
+# Why an algorithm cannot run under secure aggregation, where the server learns nothing
+# but the weighted mean of the uploads (aggregators.base.COMBINES).
 SECAGG_WHY = {
     "fedmedlora_plus": "it scores every site's adapter on the server validation set",
     "median": "it takes coordinate-wise order statistics of individual updates",
@@ -54,6 +52,13 @@ SECAGG_WHY = {
     "flora": "it stacks individual factors", "flexlora": "it needs individual products",
     "hetlora": "it weights sites by their own product norms",
 }
+
+
+def secagg_compatible(alg_name: str) -> bool:
+  """The aggregator combines by a weighted mean, and nothing else looks at single uploads."""
+  alg = get_algorithm(alg_name)
+  combine = agg_lib.get_aggregator(alg.aggregator).combine
+  return combine in ("mean", "mean_then_step") and not alg.needs_validation
 
 
 def _group(config, name: str) -> dict:
@@ -103,13 +108,13 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
     raise ConfigError("config.security.keep_uploads needs config.security.ledger=True (the "
                       "ledger's hashes are what the stored uploads are checked against)")
   if sec["secure_aggregation"]:
-    aggregator = get_algorithm(alg_name).aggregator
-    if aggregator not in SECAGG_COMPATIBLE:
+    if not secagg_compatible(alg_name):
+      aggregator = get_algorithm(alg_name).aggregator
       raise ConfigError(
           f"config.security.secure_aggregation cannot be combined with config.algorithm="
           f"{alg_name}: {SECAGG_WHY.get(aggregator, 'it needs individual updates')}, and "
           "the server never sees one under secure aggregation. Compatible: "
-          f"{', '.join(SECAGG_COMPATIBLE)}")
+          f"{', '.join(a for a in sorted(ALGORITHMS) if secagg_compatible(a))}")
     if config.run.clients_per_round == 1 or len(sites) < 2:
       raise ConfigError("config.security.secure_aggregation needs at least 2 clients per "
                         "round: the sum of one update is that update")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
-from fedjax_lora import batching, checkpointing, comm, faults
+from fedjax_lora import batching, checkpointing, comm, faults, files
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
@@ -546,9 +546,7 @@ class Federation:
         return False
     keep = [l for l in lines if kept(l)]
     if len(keep) != len(lines):
-      tmp = path.with_suffix(".tmp")
-      tmp.write_text("".join(l + "\n" for l in keep))
-      tmp.replace(path)
+      files.write_atomic(path, "".join(l + "\n" for l in keep))
 
   def run_rounds(self, until: int | None = None):
     until = until or self.run.rounds

@@ -20,13 +20,29 @@ State = Any
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+# How an aggregator combines the uploads, which decides what can be built around it:
+#   "mean"            x + sum_k p_k (y_k - x) on the sent factors: secure aggregation can
+#                     serve it and an audit can replay it from the uploads and the p_k;
+#   "mean_then_step"  a server optimizer step on that weighted mean: secure aggregation only;
+#   "unweighted"      the token weights p_k play no part (order statistics, plain means,
+#                     DP-FedAvg's fixed 1 / expected clients);
+#   "individual"      needs each update on its own (norms, products, stacking).
+COMBINES = ("mean", "mean_then_step", "unweighted", "individual")
+
+
 @dataclasses.dataclass(frozen=True)
 class Aggregator:
-  """init(global) -> state; apply(...) -> (global, state, metrics); sends: uplinked factors."""
+  """init(global) -> state; apply(...) -> (global, state, metrics); sends: uplinked factors;
+  combine: one of COMBINES."""
   name: str
   init: Callable[[Params], State]
   apply: Callable[..., tuple[Params, State, dict]]
   sends: tuple[str, ...] = ("a", "b")
+  combine: str = "individual"
+
+  def __post_init__(self):
+    if self.combine not in COMBINES:
+      raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
 
 
 def expand(v: jax.Array, x: jax.Array) -> jax.Array:

@@ -77,4 +77,4 @@ def dp_fedavg(clip: float = 1.0, noise_multiplier: float = 0.0, expected_clients
                "noise_std": noise_std}
     return add_to(global_params, mean, eta), state, metrics
 
-  return Aggregator("dp_fedavg", init, skip_if_empty(apply))
+  return Aggregator("dp_fedavg", init, skip_if_empty(apply), combine="unweighted")

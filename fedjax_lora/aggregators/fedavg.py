@@ -51,7 +51,7 @@ def fedavg(parts=FACTORS, name: str = "fedavg") -> Aggregator:
                "factor_error": factor_error(client_params, weights, present)}
     return add_to(global_params, update), state, metrics
 
-  return Aggregator(name, init, skip_if_empty(apply), sends=parts)
+  return Aggregator(name, init, skip_if_empty(apply), sends=parts, combine="mean")
 
 
 def validation_weights(losses, token_counts, present, gamma: float = 0.0,

@@ -58,7 +58,7 @@ def fedavgm(server_lr: float = 1.0, momentum: float = 0.9) -> Aggregator:
                "factor_error": factor_error(client_params, weights, present)}
     return add_to(global_params, v, lr), {"momentum": v}, metrics
 
-  return Aggregator("fedavgm", init, skip_if_empty(apply))
+  return Aggregator("fedavgm", init, skip_if_empty(apply), combine="mean_then_step")
 
 
 def _adaptive(name: str, second_moment, server_lr: float, beta1: float, beta2: float,
@@ -80,7 +80,7 @@ def _adaptive(name: str, second_moment, server_lr: float, beta1: float, beta2: f
                "factor_error": factor_error(client_params, weights, present)}
     return add_to(global_params, step, lr), {"m": m, "v": v}, metrics
 
-  return Aggregator(name, init, skip_if_empty(apply))
+  return Aggregator(name, init, skip_if_empty(apply), combine="mean_then_step")
 
 
 def fedadam(server_lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99,

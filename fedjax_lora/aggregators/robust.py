@@ -18,7 +18,7 @@ from fedjax_lora.aggregators.base import (Aggregator, add_to, client_deltas, exp
 from fedjax_lora.aggregators.fedopt import check_range
 
 
-def _stateless(name, update_fn) -> Aggregator:
+def _stateless(name, update_fn, combine) -> Aggregator:
   def init(global_params):
     return {}
 
@@ -27,7 +27,7 @@ def _stateless(name, update_fn) -> Aggregator:
     metrics = {"delta_norm": global_norm(update), **metrics}
     return add_to(global_params, update), state, metrics
 
-  return Aggregator(name, init, skip_if_empty(apply))
+  return Aggregator(name, init, skip_if_empty(apply), combine=combine)
 
 
 def median() -> Aggregator:
@@ -36,7 +36,7 @@ def median() -> Aggregator:
     deltas = client_deltas(global_params, client_params, present)
     return jax.tree.map(
         lambda d: jnp.nanmedian(jnp.where(expand(present, d), d, jnp.nan), axis=0), deltas), {}
-  return _stateless("median", update)
+  return _stateless("median", update, "unweighted")
 
 
 def trimmed_mean(trim: float = 0.1) -> Aggregator:
@@ -55,7 +55,7 @@ def trimmed_mean(trim: float = 0.1) -> Aggregator:
       keep = (rank >= cut) & (rank < m - cut)
       return jnp.sum(jnp.where(expand(keep, s), s, 0.0), axis=0) / keep_count
     return jax.tree.map(one, client_deltas(global_params, client_params, present)), {}
-  return _stateless("trimmed_mean", update)
+  return _stateless("trimmed_mean", update, "unweighted")
 
 
 def norm_clip(max_norm: float = 1.0) -> Aggregator:
@@ -73,4 +73,4 @@ def norm_clip(max_norm: float = 1.0) -> Aggregator:
     metrics = {"clipped": clipped,
                "max_client_delta_norm": jnp.max(jnp.where(present, norms, 0.0))}
     return weighted_sum(deltas, p * factor), metrics
-  return _stateless("norm_clip", update)
+  return _stateless("norm_clip", update, "individual")

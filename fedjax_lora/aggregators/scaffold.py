@@ -39,4 +39,4 @@ def scaffold(server_lr: float = 1.0) -> Aggregator:
     metrics = {"delta_norm": global_norm(delta), "control_norm": global_norm(control)}
     return add_to(global_params, delta, lr), {"control": control}, metrics
 
-  return Aggregator("scaffold", init, skip_if_empty(apply))
+  return Aggregator("scaffold", init, skip_if_empty(apply), combine="unweighted")

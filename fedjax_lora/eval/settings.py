@@ -26,7 +26,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from fedjax_lora import experiment
+from fedjax_lora import experiment, files
 from fedjax_lora.data import prepare
 from fedjax_lora.data.encoding import SiteArrays
 from fedjax_lora.eval import plots, report
@@ -261,10 +261,8 @@ class SettingsRun:
 
   def save(self) -> None:
     """results.json and results.md, rewritten after every setting (a crash keeps them)."""
-    out = self.workdir / "results.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(self.results, indent=1, default=_json_default))
-    tmp.replace(out)
+    files.write_atomic(self.workdir / "results.json",
+                       json.dumps(self.results, indent=1, default=_json_default))
     (self.workdir / "results.md").write_text(
         report.markdown(self.results, self.train, self.external, self.new_sites))
 

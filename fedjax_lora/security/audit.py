@@ -15,11 +15,6 @@ import numpy as np
 from fedjax_lora import checkpointing
 from fedjax_lora.security import identity, ledger as ledger_lib
 
-# Aggregators whose new global is x + sum_k p_k (y_k - x) on the sent factors, with the p_k
-# the ledger records: their rounds can be recomputed from the stored uploads.
-REPLAYABLE = ("fedavg", "fedmedlora", "fedmedlora_plus", "fedprox", "dual_lora", "ffa_lora",
-              "fedsa_lora")
-
 
 @dataclasses.dataclass
 class AuditReport:
@@ -108,7 +103,8 @@ def replay_uploads(workdir: Path, blocks: list[dict]) -> dict[int, str]:
   if identity.bytes_hash(data) != genesis.get("initial_global_hash"):
     return {0: "uploads/initial.bin differs from the genesis block's initial adapter"}
   x = identity.parse_tree_bytes(data, str(initial))
-  replayable = genesis.get("aggregator") in REPLAYABLE and not genesis.get("secure_aggregation")
+  # Only "mean" aggregators make the new global x + sum_k p_k (y_k - x) of what is stored.
+  replayable = genesis.get("combine") == "mean" and not genesis.get("secure_aggregation")
   sends = set(genesis.get("sends", ("a", "b")))
   for block in blocks[1:]:
     r = block["round"]

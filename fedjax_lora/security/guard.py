@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedjax_lora import files
 from fedjax_lora.algorithms import select_factors
 from fedjax_lora.privacy import secagg
 from fedjax_lora.security import identity, ledger as ledger_lib
@@ -24,9 +25,6 @@ if TYPE_CHECKING:
   from fedjax_lora.simulator import Federation, SecurityConfig
 
 
-# Aggregators that ignore the token weights p_k: median and trimmed mean (order statistics),
-# SCAFFOLD (plain mean), DP-FedAvg (fixed 1 / expected clients). The ledger records null.
-UNWEIGHTED = ("median", "trimmed_mean", "scaffold", "dp_fedavg")
 # A "sum" of one update is that update: below two survivors secure aggregation aggregates
 # nothing. (With exactly two, each site can subtract its own update from the new global and
 # learn the other's; the server still cannot. WORKSPACE.md, threat model.)
@@ -70,7 +68,8 @@ class RoundGuard:
                                                  [s.name for s in self.fed.sites])
     self.verifier = identity.UploadVerifier(identity.load_registry(workdir / "identity"))
     self.ledger = ledger_lib.Ledger(workdir)
-    genesis = self._genesis_fields()
+    initial_global = self.fed.initial_state()["global"]
+    genesis = self._genesis_fields(initial_global)
     if self.ledger.exists():
       if self.ledger.repair_tail():
         self.fed.log(f"ledger: dropped a half-written last line of {self.ledger.path} (the "
@@ -87,8 +86,7 @@ class RoundGuard:
       if blocks:
         return
     if self.security.keep_uploads:
-      self._write(self.uploads_dir / "initial.bin",
-                  identity.tree_bytes(self.fed.initial_state()["global"]))
+      self._write(self.uploads_dir / "initial.bin", identity.tree_bytes(initial_global))
     self.ledger.append(0, "genesis", genesis)
 
   def check_resumable(self) -> None:
@@ -111,17 +109,15 @@ class RoundGuard:
   @staticmethod
   def _write(path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    files.write_atomic(path, data)
 
-  def _genesis_fields(self) -> dict:
+  def _genesis_fields(self, initial_global) -> dict:
     registry = (self.fed.workdir / "identity" / identity.REGISTRY).read_bytes()
-    initial = self.fed.initial_state()
     return {"config_hash": self.security.config_hash,
-            "initial_global_hash": identity.tree_hash(initial["global"]),
+            "initial_global_hash": identity.tree_hash(initial_global),
             "registry_hash": identity.bytes_hash(registry),
             "aggregator": self.fed.aggregator.name,
+            "combine": self.fed.aggregator.combine,
             "sends": list(self.fed.aggregator.sends),
             "secure_aggregation": self.security.secure_aggregation}
 
@@ -319,8 +315,8 @@ class RoundGuard:
       else:
         status = "accepted"
       weight = float(weights[i]) if status == "accepted" else 0.0
-      if self.fed.aggregator.name in UNWEIGHTED and status == "accepted":
-        weight = None  # the rule does not use p_k (see UNWEIGHTED)
+      if self.fed.aggregator.combine == "unweighted" and status == "accepted":
+        weight = None  # the rule does not use p_k (aggregators.base.COMBINES)
       entries.append({"site": name, "client_id": self.identities[name].client_id,
                       "update_hash": report["hashes"].get(name),
                       "signature": report["signatures"].get(name),

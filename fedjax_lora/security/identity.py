@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedjax_lora import files
 from fedjax_lora.checkpointing import keys_to_data, path_names
 
 REGISTRY = "registry.json"
@@ -122,10 +123,7 @@ def _load_private(path: Path) -> ed25519.Ed25519PrivateKey:
 def _write_private(path: Path, key: ed25519.Ed25519PrivateKey) -> None:
   pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                           serialization.NoEncryption())
-  tmp = path.with_suffix(".tmp")
-  tmp.write_bytes(pem)
-  os.chmod(tmp, 0o600)
-  os.replace(tmp, path)
+  files.write_atomic(path, pem, mode=0o600)
 
 
 def load_registry(directory: str | os.PathLike) -> dict[str, ed25519.Ed25519PublicKey]:
@@ -177,9 +175,7 @@ def ensure_identities(directory: str | os.PathLike, sites: list[str]) -> dict[st
     raw = ident.private_key.public_key().public_bytes(serialization.Encoding.Raw,
                                                       serialization.PublicFormat.Raw)
     registry[site] = {"client_id": ident.client_id, "public_key": raw.hex()}
-  tmp = directory / (REGISTRY + ".tmp")
-  tmp.write_text(json.dumps(registry, indent=1, sort_keys=True))
-  os.replace(tmp, directory / REGISTRY)
+  files.write_atomic(directory / REGISTRY, json.dumps(registry, indent=1, sort_keys=True))
   return identities
 
 

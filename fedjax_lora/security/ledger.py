@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedjax_lora import files
+
 FILENAME = "ledger.jsonl"
 ZERO_HASH = "0" * 64
 
@@ -83,6 +85,7 @@ class Ledger:
 
   def __init__(self, workdir: str | os.PathLike):
     self.path = Path(workdir) / FILENAME
+    self._tip: dict | None = None  # last block, once the chain was verified
 
   def exists(self) -> bool:
     return self.path.exists()
@@ -98,15 +101,18 @@ class Ledger:
     return next((b for b in self.blocks() if b["round"] == round_index), None)
 
   def append(self, round_index: int, kind: str, fields: dict[str, Any]) -> dict:
-    blocks = self.blocks() if self.exists() else []
-    prev = blocks[-1] if blocks else None
-    block = {"index": len(blocks), "round": int(round_index), "kind": kind,
-             "prev": prev["hash"] if prev else ZERO_HASH, **fields}
+    prev = self._tip
+    if prev is None and self.exists():  # verify the chain once, then extend it in memory
+      blocks = self.blocks()
+      prev = blocks[-1] if blocks else None
+    block = {"index": prev["index"] + 1 if prev else 0, "round": int(round_index),
+             "kind": kind, "prev": prev["hash"] if prev else ZERO_HASH, **fields}
     block["hash"] = block_hash(block)
     with open(self.path, "a") as f:
       f.write(json.dumps(block, sort_keys=True, allow_nan=False) + "\n")
       f.flush()
       os.fsync(f.fileno())
+    self._tip = block
     return block
 
   def repair_tail(self) -> bool:
@@ -117,10 +123,8 @@ class Ledger:
     data = self.path.read_bytes()
     if not data or data.endswith(b"\n"):
       return False
-    keep = data[:data.rfind(b"\n") + 1]
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_bytes(keep)
-    os.replace(tmp, self.path)
+    files.write_atomic(self.path, data[:data.rfind(b"\n") + 1])
+    self._tip = None
     return True
 
   def truncate_after(self, round_index: int) -> int:
@@ -131,7 +135,6 @@ class Ledger:
     keep = [b for b in blocks if b["round"] <= round_index]
     if len(keep) == len(blocks):
       return 0
-    tmp = self.path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(b, sort_keys=True) + "\n" for b in keep))
-    os.replace(tmp, self.path)
+    files.write_atomic(self.path, "".join(json.dumps(b, sort_keys=True) + "\n" for b in keep))
+    self._tip = None
     return len(blocks) - len(keep)
