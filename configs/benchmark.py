@@ -46,6 +46,9 @@ def get_config(shape: str = "small") -> ml_collections.ConfigDict:
       prompt_len={"tiny": 16, "small": 128}.get(shape, 512),
       new_tokens={"tiny": 8, "small": 64}.get(shape, 128)))
   c.peak_matmul_size = {"tiny": 256, "small": 2048}.get(shape, 8192)  # n of the n x n matmul
+  # "" = random weights of `model`; an HF directory, .gguf file or named base (e.g.
+  # smollm2-135m-instruct) = its real weights and shape (`model` keeps remat/attention only).
+  c.checkpoint = ""
   c.seed = 0
   c.device = "auto"           # "auto": cuda when torch sees a GPU, else cpu
   return c

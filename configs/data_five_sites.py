@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.max_length = 800
   c.loss = "full"
-  c.tokenizer = "llama2"   # shared/models/raw/llama2_tokenizer (token counts in its units)
+  c.prompt_format = "paper"  # or "chat" (the base tokenizer's chat template)
+  c.tokenizer = "auto"     # the base model's own; without a base model:
+  c.tokenizer_without_base = "llama2"  # shared/models/raw/llama2_tokenizer
   c.partition = ml_collections.ConfigDict(dict(kind="natural", num_sites=0, alpha=0.5,
                                                min_size=1))
   c.sites = ml_collections.ConfigDict()

@@ -2,7 +2,8 @@
 
 Sites differ in writing style, vocabulary and label mix (fedjax_lora/data/synthetic.py).
 Labels are the paper's NER types with its definitions (method.md §6); relations are the
-paper's modifier types. The tokenizer is trained here, so nothing is downloaded.
+paper's modifier types. With a base model the base's own tokenizer is used; without one
+(a tiny random model) a small BPE is trained here, so nothing is downloaded.
 """
 
 import ml_collections
@@ -40,9 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.max_length = 800
   c.loss = "full"           # "full" (paper) or "completion"
-  # "bpe:<vocab>" trains a small BPE on the training examples (a tiny model's vocabulary);
-  # also "llama2" (shared/models/raw), "byte" (259 tokens), or a tokenizer directory.
-  c.tokenizer = "bpe:1024"
+  # "paper": the paper's plain "### ..." sections; "chat": the base tokenizer's chat
+  # template (instruction + input as the user turn, the answer as the assistant turn).
+  c.prompt_format = "paper"
+  # "auto": the base model's own tokenizer (config.model.path), or tokenizer_without_base
+  # for a tiny random model. A named tokenizer must match the base (vocabulary, specials):
+  # "bpe:<vocab>" (trained on the training examples), "llama2" (shared/models/raw),
+  # "byte" (259 tokens), or a tokenizer directory.
+  c.tokenizer = "auto"
+  c.tokenizer_without_base = "bpe:1024"
   c.partition = ml_collections.ConfigDict(dict(kind="natural", num_sites=0, alpha=0.5,
                                                min_size=1))
   c.sites = ml_collections.ConfigDict()

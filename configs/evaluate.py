@@ -3,7 +3,7 @@
 The three default sites train; two more synthetic hospitals are held out: one for
 external validation (test split only, never trained on) and one as the low-resource new
 site (its training split is only used for new-site adaptation). Same tiny model and
-training budget as configs/federate.py; every field can be overridden on the command line.
+training budget as configs/federate.py:tiny; every field can be overridden on the command line.
 """
 
 import ml_collections
@@ -12,7 +12,7 @@ from configs import federate
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = federate.get_config()
+  c = federate.get_config("tiny")
   c.run.rounds = 3
   held_out = dict(corpus="", tasks=("ner", "re"), unit="document", pack=True, window_tokens=0,
                   empty_fraction=1.0, discontinuous="first_fragment", max_train_examples=0,

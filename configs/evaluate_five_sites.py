@@ -16,7 +16,7 @@ from configs import data_five_sites, federate
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = federate.get_config()
+  c = federate.get_config("tiny")
   c.data = data_five_sites.get_config()
   c.data.sites.e3c.role = "new_site"
   for site in c.data.sites.values():

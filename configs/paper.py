@@ -29,7 +29,7 @@ SHAPES = {
 def get_config(shape: str = "llama3_2_1b") -> ml_collections.ConfigDict:
   if shape not in SHAPES:
     raise ValueError(f"unknown paper shape {shape!r}; expected one of {sorted(SHAPES)}")
-  c = federate.get_config()
+  c = federate.get_config("tiny")
   c.data = data_five_sites.get_config()          # max_length 800, full-sequence loss
   c.data.sites.e3c.role = "new_site"             # as in configs/evaluate_five_sites.py
   c.model.update(dtype="bfloat16", remat="save_qkv", **SHAPES[shape])

@@ -25,7 +25,7 @@ from fedjax_lora.client import ClientConfig, steps_per_round
 from fedjax_lora.data import prepare
 from fedjax_lora.privacy import accounting
 from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SecurityConfig, SiteData
-from models import hf_checkpoint, llama
+from models import checkpoints, hf_checkpoint, llama
 from models.config import LlamaConfig
 from models.lora import LoraSpec
 
@@ -189,6 +189,47 @@ def check_config(config) -> None:
   _check_security(config, config.algorithm, _site_names(config))
 
 
+def base_path(config, log=print) -> Path | None:
+  """config.model.path resolved (a named base is fetched on first use); None = tiny model."""
+  return checkpoints.resolve(config.model.path, log) if config.model.path else None
+
+
+def base_tokenizer(config, path: Path | None):
+  """The tokenizer the data is prepared with when config.data.tokenizer is "auto" and a base
+  checkpoint is given: the base's own. None otherwise (the data config names one)."""
+  if path is None or config.data.get("tokenizer", prepare.AUTO) != prepare.AUTO:
+    return None
+  if not checkpoints.has_tokenizer(path):
+    raise ConfigError(f"config.model.path={config.model.path}: the checkpoint ships no "
+                      "tokenizer; name one in config.data.tokenizer")
+  return checkpoints.load_tokenizer(path)
+
+
+def prepare_data(config, data_dir: Path | None, log=print) -> prepare.PreparedData:
+  """config.data tokenized with the base's own tokenizer (config.data.tokenizer "auto")."""
+  return prepare.prepare(config.data, data_dir,
+                         tokenizer=base_tokenizer(config, base_path(config, log)), log=log)
+
+
+def check_tokenizer(config, path: Path, model_cfg: LlamaConfig, tokenizer) -> None:
+  """A tokenizer named in the data config must be the base's (vocabulary and specials)."""
+  named = config.data.get("tokenizer", prepare.AUTO)
+  what = (f"config.data.tokenizer={named!r} ({len(tokenizer)} tokens) does not match the base "
+          f"config.model.path={config.model.path}")
+  fix = "; set config.data.tokenizer='auto' to use the base's own tokenizer"
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise ConfigError(f"{what} (vocabulary {model_cfg.vocab_size}){fix}")
+  if named == prepare.AUTO or not checkpoints.has_tokenizer(path):
+    return
+  own = checkpoints.load_tokenizer(path)
+  specials = lambda t: (t.bos_token, t.eos_token, t.bos_token_id, t.eos_token_id)
+  if own.get_vocab() != tokenizer.get_vocab():
+    raise ConfigError(f"{what} (its own has {len(own)} tokens, another vocabulary){fix}")
+  if specials(own) != specials(tokenizer):
+    raise ConfigError(f"{what}: special tokens (bos, eos) {specials(tokenizer)} against the "
+                      f"base's {specials(own)}{fix}")
+
+
 def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   """(LlamaConfig, graphdef, base): config.model.path, or a tiny random LLaMA (saved to
   workdir/base_model so exported adapters have a base to load onto)."""
@@ -197,10 +238,15 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16, got {dtype!r}")
   if m.path:
-    cfg, graphdef, base = hf_checkpoint.load_params(m.path, log=log)
-    if cfg.vocab_size < vocab_size:
-      raise ConfigError(f"config.model.path: vocabulary {cfg.vocab_size} is smaller than the "
-                        f"tokenizer's {vocab_size}; use the checkpoint's tokenizer")
+    path = base_path(config, log)
+    cfg = checkpoints.load_config(path, param_dtype=dtype, dtype=dtype, remat=m.remat,
+                                  attention_impl=m.attention_impl or None)
+    check_tokenizer(config, path, cfg, tokenizer)
+    cfg, graphdef, base = checkpoints.load_params(path, cfg, log=log)
+    if workdir is not None and path.is_dir():  # the exported adapter's base_model_name_or_path
+      link = workdir / "base_model"
+      if not link.exists():
+        link.symlink_to(path.resolve(), target_is_directory=True)
     return cfg, graphdef, base
   padded = int(math.ceil(vocab_size / 64) * 64)
   cfg = LlamaConfig(vocab_size=padded, hidden_size=m.hidden_size,
@@ -273,7 +319,7 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   workdir = Path(workdir) if workdir else None
   alg = get_algorithm(config.algorithm)
   if data is None:
-    data = prepare.prepare(config.data, workdir / "data" if workdir else None, log=log)
+    data = prepare_data(config, workdir / "data" if workdir else None, log)
   tokenizer = data.tokenizer
   if sites is None:
     sites = [SiteData(n, data.arrays[n]["train"], data.arrays[n].get("dev"))

@@ -23,6 +23,7 @@ from fedjax_lora import batching, checkpointing, comm, faults, files
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.eval.report import f1_line
 from fedjax_lora.privacy import accounting
 from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
                                 validation_loss)
@@ -473,6 +474,8 @@ class Federation:
       val += f" | eps max {max(row['epsilon'].values()):.2f}"
     if "client_epsilon" in row:
       val += f" | client eps {row['client_epsilon']:.2f}"
+    if "f1" in row:  # {site: {task: {strict, lenient}}} from the evaluation hook
+      val += f" | {f1_line(row['f1'])}"
     up = row["comm"]["total_up_bytes"] / 1e6
     return (f"round {row['round']:3d} | clients {sum(row['present'])}/{len(row['clients'])} | "
             f"loss {row['mean_train_loss']:.4f}{val} | weights {weights} | up {up:.2f} MB | "

@@ -51,9 +51,12 @@ def run_worker(spec: str, c, workdir: Path) -> dict:
     out = {"device": side.device_description()}
     if task == "setup":
       from fedjax_lora.bench import workload
-      from models import hf_checkpoint, llama
+      from models import checkpoints, hf_checkpoint, llama
       cfg = workload.model_config(c)
-      _, base = llama.init_model(cfg, seed=c.seed)
+      if c.get("checkpoint"):  # real weights (HF dir, .gguf or named base), as HF for torch
+        cfg, _, base = checkpoints.load_params(checkpoints.resolve(c.checkpoint), cfg)
+      else:
+        _, base = llama.init_model(cfg, seed=c.seed)
       hf_checkpoint.save_params(workload.checkpoint_dir(workdir), cfg, base)
       return out
     if task == "train":

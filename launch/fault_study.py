@@ -24,7 +24,6 @@ from ml_collections import config_flags
 
 import configs
 from fedjax_lora import experiment
-from fedjax_lora.data import prepare
 from launch import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,7 +51,7 @@ def main(argv):
   log = lambda s: print(s, file=sys.stderr, flush=True)
   base_config = _CONFIG.value
   base_config.security.ledger = False  # the study needs no workdir
-  data = prepare.prepare(base_config.data, None, log=log)
+  data = experiment.prepare_data(base_config, None, log)
   sites = [n for n, s in data.sites.items() if s.role == "train"]
   site = _SITE.value or sites[0]
   model = experiment.load_model(base_config, len(data.tokenizer), None, data.tokenizer, log)

@@ -11,6 +11,7 @@ of every round, metrics.jsonl, per-round plots (workdir/plots) and, at the end, 
 global adapter in PEFT format (workdir/adapter).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ml_collections import config_flags
 
 import configs
 from fedjax_lora import experiment
-from fedjax_lora.eval import hooks, plots, settings
+from fedjax_lora.eval import hooks, plots, report, settings
 from fedjax_lora.eval.decoding import Decoder
 from launch import errors
 from models import hf_checkpoint, peft_io
@@ -47,18 +48,26 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   config = _CONFIG.value
   fed = experiment.build(config, workdir, log=log)
+  hook = None
   if config.get("eval") is not None:  # configs written before the eval group have none
-    decoder = Decoder(fed.model_config, fed.graphdef, fed.data.tokenizer,
+    decoder = Decoder(fed.model_config, fed.graphdef, fed.data.renderer,
                       settings.decode_config(config.eval), log=log)
-    fed.hooks.append(hooks.hook_from_config(config, fed.data, decoder,
-                                            [s.name for s in fed.sites]))
+    hook = hooks.hook_from_config(config, fed.data, decoder, [s.name for s in fed.sites])
+    fed.hooks.append(hook)
   if _RESUME.value:
     fed.resume()
   elif fed.checkpointer is not None and fed.checkpointer.latest_round() is not None:
     raise app.UsageError(f"{workdir} already holds checkpoints; pass --resume to continue or use "
                          "a fresh --workdir")
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+  zero_shot = hooks.zero_shot_f1(fed, hook, workdir / "zero_shot.json", log)
   fed.run_rounds()  # appends one line per round to workdir/metrics.jsonl as it goes
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  final = next((row["f1"] for row in reversed(rows) if "f1" in row), None)
+  if zero_shot and final:
+    print(f"F1 on the per-round evaluation slice ({config.eval.round_examples_per_task} test "
+          "examples per site and task), zero-shot -> final round:\n"
+          + report.f1_change_table(zero_shot, final))
   written = plots.plot_workdir(workdir, config.algorithm)
   if written:
     print(f"per-round plots: {', '.join(str(p) for p in written)}")

@@ -2,7 +2,10 @@ r"""Greedy (or sampled) completion from a LLaMA checkpoint, optionally with a PE
 
   python -m launch.generate --model=HF_DIR [--adapter=PEFT_DIR] \
       --prompt="Patient denies chest pain." [--prompt=...] --max_new_tokens=32
+  python -m launch.generate --model=smollm2-135m-instruct --chat --prompt="What is ...?"
 
+--model takes an HF checkpoint directory, a .gguf file or a named base (models/bases.py,
+fetched into the cache on first use).
 Prompts are batched, left-padded to a power-of-two bucket and decoded with a jitted
 KV-cache loop; completions go to stdout, one block per prompt.
 """
@@ -15,11 +18,12 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from launch import errors
-from models import generation, hf_checkpoint, peft_io
-from models.tokenizer import TokenizerError, load_tokenizer
+from fedjax_lora.data import templates
+from models import checkpoints, generation, peft_io
+from models.tokenizer import TokenizerError
 
-_MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory (or hub id when online).",
-                             required=True)
+_MODEL = flags.DEFINE_string("model", None, "HF checkpoint directory, .gguf file, named base "
+                             "(e.g. smollm2-135m-instruct) or hub id when online.", required=True)
 _ADAPTER = flags.DEFINE_string("adapter", None, "PEFT LoRA adapter directory to apply.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.",
                                     required=True)
@@ -28,6 +32,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; > 0 samples a
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (ignored when greedy).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Parameter and compute dtype of the base model (logits stay float32).")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn in the tokenizer's "
+                          "chat template (instruct bases) and stop at its end-of-turn token.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts decoded together per compiled call.")
 
 
@@ -38,24 +44,27 @@ def main(argv):
     raise app.UsageError("--max_new_tokens must be >= 1")
   if _TEMPERATURE.value < 0:
     raise app.UsageError("--temperature must be >= 0")
-  model_dir = hf_checkpoint.resolve_model_dir(_MODEL.value)
-  config = hf_checkpoint.load_config(model_dir, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
-  config, graphdef, params = hf_checkpoint.load_params(model_dir, config, log=logging.info)
-  tokenizer = load_tokenizer(model_dir)
+  model_path = checkpoints.resolve(_MODEL.value, log=logging.info)
+  config = checkpoints.load_config(model_path, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
+  config, graphdef, params = checkpoints.load_params(model_path, config, log=logging.info)
+  tokenizer = checkpoints.load_tokenizer(model_path)
   adapters = ()
   if _ADAPTER.value:
     adapters = (peft_io.import_adapter(_ADAPTER.value, config),)
     logging.info("applied adapter %s (%s)", _ADAPTER.value, adapters[0].spec)
   if len(tokenizer) > config.vocab_size:
-    raise TokenizerError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
+    raise TokenizerError(f"{model_path}: tokenizer has {len(tokenizer)} tokens but the model's "
                          f"vocab_size is {config.vocab_size}")
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  eos = set(config.eos_ids) | set(hf_checkpoint.generation_eos_ids(model_dir))
-  if tokenizer.eos_token_id is not None:
-    eos.add(tokenizer.eos_token_id)
+  eos = set(checkpoints.stop_ids(model_path, config, tokenizer))
+  if _CHAT.value:
+    renderer = templates.make_renderer(tokenizer, "chat", field="--chat")
+    eos |= set(renderer.stop_ids)
+    encoded = renderer.prompt_ids(_PROMPT.value)
+  else:
+    encoded = [tokenizer(p)["input_ids"] for p in _PROMPT.value]
   eos = tuple(sorted(eos))
   prompts = list(_PROMPT.value)
-  encoded = [tokenizer(p)["input_ids"] for p in prompts]
   # One batch shape for every chunk (the last one is padded with copies), so one compile.
   batch = min(_BATCH.value, generation.bucket_length(len(encoded), minimum=1))
   rng = jax.random.key(_SEED.value)

@@ -24,7 +24,7 @@ QUIET = lambda s: None
 
 
 def small_config(**overrides):
-  c = federate_config.get_config()
+  c = federate_config.get_config("tiny")
   for name, cap in zip(sorted(c.data.sites), (6, 4, 2)):  # 3, 2 and 1 steps: ragged clients
     c.data.sites[name].max_train_examples = cap
   c.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,

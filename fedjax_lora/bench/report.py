@@ -109,9 +109,11 @@ def _header(doc) -> list[str]:
   dev = doc["device"]["jax"]
   return [f"# Benchmark `{c['shape']}` on {dev['device_kind']} ({dev['platform']}), {doc['date']}",
           "",
-          f"Model: {m['num_layers']} layers, width {m['hidden_size']}, MLP "
-          f"{m['intermediate_size']}, {m['num_heads']}/{m['num_kv_heads']} heads, vocab "
-          f"{m['vocab_size']}, {c['dtype']} base; LoRA r={c['lora']['rank']}, "
+          (f"Model: `{c['checkpoint']}` (its real weights and shape)"
+           if c.get("checkpoint") else
+           f"Model: {m['num_layers']} layers, width {m['hidden_size']}, MLP "
+           f"{m['intermediate_size']}, {m['num_heads']}/{m['num_kv_heads']} heads, vocab "
+           f"{m['vocab_size']}") + f", {c['dtype']} base; LoRA r={c['lora']['rank']}, "
           f"alpha={c['lora']['alpha']} on {c['lora']['targets']}. Batch {c['batch_size']} x "
           f"{c['seq_len']} tokens, {c['steps']} local steps per client, AdamW + cosine. "
           f"Median of {c['repeats']} repetition(s) after a first (compile) call. The last two "

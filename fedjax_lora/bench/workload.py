@@ -13,8 +13,14 @@ from models.lora import LoraSpec
 
 
 def model_config(c) -> LlamaConfig:
-  """The benchmark's LLaMA (random weights) from `config.model`."""
+  """The benchmark's LLaMA: `config.checkpoint`'s (real weights) when set, else the shape in
+  `config.model` (random weights)."""
   m = c.model
+  if c.get("checkpoint"):
+    from models import checkpoints
+    return checkpoints.load_config(checkpoints.resolve(c.checkpoint), param_dtype=c.dtype,
+                                   dtype=c.dtype, remat=m.remat,
+                                   attention_impl=m.attention_impl or None)
   return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
                      intermediate_size=m.intermediate_size, num_layers=m.num_layers,
                      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,

@@ -1,7 +1,8 @@
 """Tokenizing examples once (cached as Arrow via `datasets`) into fixed-shape site arrays.
 
-Sequences are `<s> prompt target </s>`, tokenized as one string so the prompt/target
-boundary tokenizes exactly as at training time; the boundary token index comes from the
+Sequences are rendered by `templates.Renderer` (the paper's `<s> prompt target </s>` or
+the base's chat template) and tokenized as one string so the prompt/answer boundary
+tokenizes exactly as at training time; the boundary token index comes from the
 tokenizer's character offsets. The loss covers the whole sequence by default, as in the
 paper's released code (`completion_only_loss=False`), or only the target. Per-site token
 counts n_k (supervised positions after the causal shift) are the Fed-MedLoRA weights.
@@ -18,10 +19,11 @@ from typing import Sequence
 
 import numpy as np
 
+from fedjax_lora.data import templates
 from fedjax_lora.data.tasks import Example
 
 LOSS_MODES = ("full", "completion")
-CACHE_VERSION = 1  # bump when the encoding below changes
+CACHE_VERSION = 2  # bump when the encoding below changes
 
 
 @dataclasses.dataclass
@@ -65,23 +67,24 @@ def examples_fingerprint(examples: Sequence[Example]) -> str:
   return h.hexdigest()[:16]
 
 
-def cache_key(data_config: dict, tokenizer, examples: Sequence[Example], max_length: int) -> str:
-  blob = json.dumps({"config": data_config, "tokenizer": tokenizer_fingerprint(tokenizer),
+def cache_key(data_config: dict, renderer, examples: Sequence[Example], max_length: int) -> str:
+  blob = json.dumps({"config": data_config, "tokenizer": tokenizer_fingerprint(renderer.tokenizer),
+                     "prompt_format": renderer.format,
                      "examples": examples_fingerprint(examples), "max_length": max_length,
                      "version": CACHE_VERSION}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _encode_batch(batch, tokenizer, max_length):
-  enc = tokenizer([p + t for p, t in zip(batch["prompt"], batch["target"])],
-                  add_special_tokens=False, return_offsets_mapping=True)
-  bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+def _encode_batch(batch, renderer, max_length):
+  prompts = [renderer.prompt_text(p) for p in batch["prompt"]]
+  enc = renderer.tokenizer([p + renderer.answer_text(t) for p, t in zip(prompts, batch["target"])],
+                           add_special_tokens=False, return_offsets_mapping=True)
+  prefix, suffix = list(renderer.prefix_ids), list(renderer.suffix_ids)
   out = {"input_ids": [], "prompt_length": [], "truncated": []}
-  for ids, offsets, prompt in zip(enc["input_ids"], enc["offset_mapping"], batch["prompt"]):
+  for ids, offsets, prompt in zip(enc["input_ids"], enc["offset_mapping"], prompts):
     cut = len(prompt)
-    n_prompt = sum(1 for start, _ in offsets if start < cut)
-    seq = ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
-    n_prompt += int(bos is not None)
+    n_prompt = len(prefix) + sum(1 for start, _ in offsets if start < cut)
+    seq = prefix + list(ids) + suffix
     out["truncated"].append(len(seq) > max_length)
     out["input_ids"].append(seq[:max_length])
     out["prompt_length"].append(min(n_prompt, max_length))
@@ -90,22 +93,25 @@ def _encode_batch(batch, tokenizer, max_length):
 
 def encode(examples: Sequence[Example], tokenizer, max_length: int = 800,
            cache_dir: str | os.PathLike | None = None, data_config: dict | None = None):
-  """A `datasets.Dataset` of token ids, from the Arrow cache when the key matches."""
+  """A `datasets.Dataset` of token ids, from the Arrow cache when the key matches.
+
+  `tokenizer` is a `templates.Renderer` (or a bare tokenizer: the paper format)."""
   import datasets
 
+  renderer = templates.as_renderer(tokenizer)
   datasets.disable_progress_bars()  # callers log one line per split instead
   if max_length < 2:
     raise ValueError(f"max_length must be >= 2, got {max_length}")
   path = None
   if cache_dir is not None:
-    key = cache_key(data_config or {}, tokenizer, examples, max_length)
+    key = cache_key(data_config or {}, renderer, examples, max_length)
     path = Path(cache_dir) / f"encoded-{key}"
     if (path / "dataset_info.json").is_file():
       return datasets.load_from_disk(str(path))
   raw = datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples],
                                     "target": [e.target for e in examples]})
   ds = raw.map(_encode_batch, batched=True, batch_size=256, remove_columns=["prompt", "target"],
-               fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+               fn_kwargs={"renderer": renderer, "max_length": max_length},
                load_from_cache_file=False, desc="tokenizing")
   if path is not None:
     import shutil

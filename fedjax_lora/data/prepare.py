@@ -14,11 +14,14 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from fedjax_lora.data import encoding, sites as sites_lib
+from fedjax_lora.data import encoding, sites as sites_lib, templates
 from fedjax_lora.data.records import DataError
 from fedjax_lora.paths import shared_dir
 
 LLAMA2_TOKENIZER = ("models", "raw", "llama2_tokenizer")
+# config.tokenizer value meaning "the base model's own" (config.tokenizer_without_base when
+# the run has no base checkpoint, e.g. a tiny random model).
+AUTO = "auto"
 
 
 @dataclasses.dataclass
@@ -27,6 +30,7 @@ class PreparedData:
   arrays: dict[str, dict[str, encoding.SiteArrays]]
   tokenizer: object
   report: dict
+  renderer: templates.Renderer | None = None  # how examples become text (prompt_format)
 
 
 def resolve_tokenizer(spec: str, out_dir: str | os.PathLike | None, train_texts=()):
@@ -66,6 +70,8 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
   if loss not in encoding.LOSS_MODES:
     raise DataError(f"config.loss must be one of {encoding.LOSS_MODES}, got {loss!r}")
   spec = config.get("tokenizer", "byte")
+  if spec == AUTO:  # no base model brought its own tokenizer: the config's fallback
+    spec = config.get("tokenizer_without_base", "bpe:1024")
   if tokenizer is None and not spec.startswith("bpe:"):
     tokenizer = resolve_tokenizer(spec, out_dir)
   count = token_counter(tokenizer) if tokenizer is not None else None
@@ -75,10 +81,13 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
     texts = [e.prompt + e.target for s in sites.values() for e in s.examples.get("train", [])]
     log(f"training {spec} tokenizer on {len(texts)} training examples")
     tokenizer = resolve_tokenizer(spec, out_dir, texts)
+  renderer = templates.make_renderer(tokenizer, config.get("prompt_format", "paper"))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   cache = Path(out_dir) / "cache" if out_dir else None
   config_blob = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  arrays, report = {}, {"max_length": max_length, "loss": loss, "tokenizer": spec, "sites": {},
+  arrays, report = {}, {"max_length": max_length, "loss": loss, "sites": {},
+                        "tokenizer": getattr(tokenizer, "name_or_path", "") or spec,
+                        "prompt_format": renderer.format,
                         "sources": {n: dict(sorted(c.items())) for n, c in plan.sources.items()}}
   for name, site in sites.items():
     arrays[name] = {}
@@ -89,7 +98,7 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
         raise DataError(f"site {name}: split {split} has no examples; check its corpus split "
                         "and label map")
       log(f"tokenizing {name}/{split}: {len(examples)} examples")
-      enc = encoding.encode(examples, tokenizer, max_length, cache,
+      enc = encoding.encode(examples, renderer, max_length, cache,
                             {"site": name, "split": split, "config": config_blob})
       arr = encoding.to_arrays(enc, pad_id, max_length, loss)
       arrays[name][split] = arr
@@ -104,7 +113,7 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
     (out / "splits.json").write_text(json.dumps(
         {n: s.documents for n, s in sites.items()}, indent=1, sort_keys=True))
     (out / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
-  return PreparedData(sites, arrays, tokenizer, report)
+  return PreparedData(sites, arrays, tokenizer, report, renderer)
 
 
 def _fmt_counts(counts: dict, limit: int = 8) -> str:

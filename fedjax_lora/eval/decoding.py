@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lora.data import templates
 from models import generation
 from models import lora as lora_lib
 
@@ -102,21 +103,20 @@ def budget(n_input_tokens: int, cfg: DecodeConfig) -> int:
 class Decoder:
   """Greedy/sampled generation for many prompts with one tokenizer and model."""
 
-  def __init__(self, model_config, graphdef, tokenizer, cfg: DecodeConfig = DecodeConfig(),
+  def __init__(self, model_config, graphdef, renderer, cfg: DecodeConfig = DecodeConfig(),
                log: Callable[[str], None] | None = None):
-    self.model_config, self.graphdef, self.tokenizer, self.cfg = (
-        model_config, graphdef, tokenizer, cfg)
+    """`renderer`: the data's `templates.Renderer` (a bare tokenizer: the paper format)."""
+    self.renderer = templates.as_renderer(renderer)
+    self.tokenizer = self.renderer.tokenizer
+    self.model_config, self.graphdef, self.cfg = model_config, graphdef, cfg
     self.log = log
-    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = tokenizer.eos_token_id
-    self.eos_ids = () if eos is None else (int(eos),)
+    self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+    self.eos_ids = self.renderer.stop_ids  # EOS, and the chat template's end of turn
     self.total = DecodeStats()
 
   def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-    """`<s> prompt` exactly as training tokenized the prompt part of `<s> prompt target`."""
-    ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    bos = self.tokenizer.bos_token_id
-    return [([bos] if bos is not None else []) + list(x) for x in ids]
+    """Each prompt exactly as training tokenized the prompt part of its sequence."""
+    return self.renderer.prompt_ids(prompts)
 
   def _count(self, texts: Sequence[str]) -> list[int]:
     return [len(x) for x in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]

@@ -8,12 +8,15 @@ Personalised algorithms (dual_lora, fedsa_lora) are scored with each site's own 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lora.eval.decoding import Decoder
+from fedjax_lora.eval.report import f1_line
 from fedjax_lora.eval.evaluator import EvalSet, eval_sets, evaluate_sets, f1_summary
 from fedjax_lora.simulator import server_validation_set
 
@@ -71,3 +74,19 @@ def round_eval_hook(decoder: Decoder | None, sets: Mapping[str, Mapping[str, Eva
                                  for name, v in val_sets.items()}
     return row
   return hook
+
+
+def zero_shot_f1(fed, hook, path: Path, log: Callable[[str], None]) -> dict | None:
+  """F1 of the untrained model (the initial adapter has B = 0: exactly the base) on the
+  hook's evaluation slice, measured before round 1 and kept in `path`, so a resumed run
+  still compares against it. None when the hook scores no F1."""
+  if path.is_file():
+    return json.loads(path.read_text())
+  if hook is None or int(fed.state["round"]) > 0:
+    return None
+  row = hook(fed, 0)
+  if "f1" not in row:
+    return None
+  log(f"zero-shot (before round 1) | {f1_line(row['f1'])}")
+  path.write_text(json.dumps(row["f1"], indent=1))
+  return row["f1"]

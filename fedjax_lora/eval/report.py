@@ -84,3 +84,24 @@ def markdown(results: Mapping[str, Any], train: Sequence[str], external: Sequenc
       lines.append(f"Per-round plots of federated/{alg}: " +
                    ", ".join(f"`{p}`" for p in run["plots"]))
   return "\n".join(lines).rstrip() + "\n"
+
+
+def f1_change_table(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+  """Markdown table of {site: {task: {strict, lenient}}} F1 before -> after (e.g. zero-shot
+  -> final round of a federated run), one row per site and task."""
+  rows = ["| site | task | strict F1 | lenient F1 |", "|---|---|---|---|"]
+  for site, by_task in after.items():
+    for task, now in by_task.items():
+      was = before.get(site, {}).get(task)
+      cell = lambda kind: (f"{100 * was[kind]:.1f} → {100 * now[kind]:.1f}" if was
+                           else f"— → {100 * now[kind]:.1f}")
+      rows.append(f"| {site} | {TASK_TITLES.get(task, task)} | {cell('strict')} | "
+                  f"{cell('lenient')} |")
+  return "\n".join(rows)
+
+
+def f1_line(f1: Mapping[str, Any]) -> str:
+  """One-line strict F1 per site and task, for round lines."""
+  return "strict F1 " + " ".join(f"{site}/{task} {scores['strict']:.2f}"
+                                 for site, by_task in f1.items()
+                                 for task, scores in by_task.items())

@@ -27,7 +27,6 @@ import jax
 import numpy as np
 
 from fedjax_lora import experiment, files
-from fedjax_lora.data import prepare
 from fedjax_lora.data.encoding import SiteArrays
 from fedjax_lora.eval import plots, report
 from fedjax_lora.eval.decoding import DecodeConfig, Decoder
@@ -102,11 +101,12 @@ class SettingsRun:
     self.config, self.ev, self.log = config, config.eval, log
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.data = prepare.prepare(config.data, self.workdir / "data", log=log)
+    self.data = experiment.prepare_data(config, self.workdir / "data", log)
     tok = self.data.tokenizer
     self.model = experiment.load_model(config, len(tok), self.workdir, tok, log)
     model_cfg, graphdef, _ = self.model
-    self.decoder = Decoder(model_cfg, graphdef, tok, decode_config(self.ev), log=log)
+    self.decoder = Decoder(model_cfg, graphdef, self.data.renderer, decode_config(self.ev),
+                           log=log)
     roles = {n: s.role for n, s in self.data.sites.items()}
     self.train = [n for n, r in roles.items() if r == "train"]
     self.external = [n for n, r in roles.items() if r == "external"]
