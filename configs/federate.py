@@ -39,11 +39,11 @@ def smollm2(c: ml_collections.ConfigDict) -> None:
     site.tasks = ("ner",)
     site.unit, site.pack = "sentence", False
     site.labels.entity_definitions = ()    # -100 prompt tokens; the glosses stay
-    site.max_train_examples = 16
+    site.max_train_examples = 24
   c.lora.update(rank=16, alpha=32.0)
-  c.client.update(learning_rate=2e-3)
-  c.run.update(rounds=3, epochs=1, val_examples_per_site=4, val_chunk=4)
-  c.eval.update(round_examples_per_task=4, batch_size=4, max_new_tokens=128)
+  c.client.update(learning_rate=3e-3)
+  c.run.update(rounds=2, epochs=1, batch_size=2, val_examples_per_site=4, val_chunk=4)
+  c.eval.update(round_examples_per_task=8, batch_size=8, max_new_tokens=128)
 
 
 def tiny_config() -> ml_collections.ConfigDict:

@@ -50,7 +50,8 @@ def hook_from_config(config, data, decoder: Decoder, site_names):
 
 def round_eval_hook(decoder: Decoder | None, sets: Mapping[str, Mapping[str, EvalSet]],
                     val_per_site: int = 0, val_chunk: int = 8):
-  """A Federation hook adding `f1` {site: {task: {strict, lenient}}}, `f1_generation` and
+  """A Federation hook adding `f1` {site: {task: {strict, lenient}}}, `f1_sample` (the
+  first scored example's gold and predicted answer per site and task), `f1_generation` and
   `val_loss_by_site` (the global, or site's own, model on that site's part of the server
   validation set) to the round's metrics."""
   val_sets: dict = {}
@@ -60,9 +61,12 @@ def round_eval_hook(decoder: Decoder | None, sets: Mapping[str, Mapping[str, Eva
     adapters_for = site_models(fed)
     base = fed.effective_base()
     if decoder is not None and sets:
-      result = evaluate_sets(decoder, base, adapters_for, sets, samples=0,
+      result = evaluate_sets(decoder, base, adapters_for, sets, samples=1,
                              label=f"round {round_index}")
       row["f1"] = f1_summary(result)
+      row["f1_sample"] = {site: {task: r["samples"][0] for task, r in by_task.items()
+                                 if r["samples"]}
+                          for site, by_task in result["sites"].items()}
       row["f1_generation"] = result["generation"]
     if val_per_site:
       if not val_sets:
