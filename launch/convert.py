@@ -26,7 +26,7 @@ _SRC = flags.DEFINE_string("src", None, "--to=hf: the GGUF file to convert (LLaM
                            "any tensor type gguf-py can dequantize).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(gguf_export.HF_DTYPES),
                            "--to=hf: dtype of the written safetensors weights.")
-_BASE = flags.DEFINE_string("base", None, "--to=gguf: the base model, an HF checkpoint directory "
+_BASE = flags.DEFINE_string("base", None, "--to=gguf: the base model, a named base, an HF checkpoint directory "
                             "(with its tokenizer files) or a GGUF file.")
 _ADAPTER = flags.DEFINE_string("adapter", None, "--to=gguf: a PEFT LoRA adapter directory to "
                                "merge into the base (W + alpha/r * B A) before writing.")

@@ -356,24 +356,25 @@ def gguf_to_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = 
 
 
 def load_base(base: str | os.PathLike, log: Callable[[str], None] | None = None):
-  """(config, params, tokenizer, pre, name) from an HF directory or a GGUF file."""
-  from models import hf_checkpoint
-  from models.tokenizer import load_tokenizer
+  """(config, params, tokenizer, pre, name) from an HF directory, a GGUF file or a named base
+  (read from its cached GGUF, so llama.cpp's pre-tokenizer name carries over)."""
+  from models import bases, checkpoints
 
-  if gguf_checkpoint.is_gguf(base):
-    config, _, params = gguf_checkpoint.load_params(base, log=log)
-    meta = gguf_checkpoint.metadata(gguf_checkpoint.open_reader(base))
-    return (config, params, gguf_checkpoint.load_tokenizer(base), meta.get("tokenizer.ggml.pre"),
-            meta.get("general.name") or Path(base).stem)
-  config, _, params = hf_checkpoint.load_params(base, log=log)
-  tokenizer = load_tokenizer(hf_checkpoint.resolve_model_dir(str(base)))
-  return config, params, tokenizer, None, Path(base).name
+  path = (bases.gguf_path(str(base), log or print) if bases.is_named(str(base))
+          else checkpoints.resolve(base, log or print))
+  config, _, params = checkpoints.load_params(path, log=log)
+  tokenizer = checkpoints.load_tokenizer(path)
+  if path.is_file():
+    meta = gguf_checkpoint.metadata(gguf_checkpoint.open_reader(path))
+    return (config, params, tokenizer, meta.get("tokenizer.ggml.pre"),
+            meta.get("general.name") or path.stem)
+  return config, params, tokenizer, None, path.name
 
 
 def merged_to_gguf(base: str | os.PathLike, out: str | os.PathLike,
                    adapter: str | os.PathLike | None = None, tensor_type: str = "f16",
                    pre: str | None = None, log: Callable[[str], None] | None = None) -> Path:
-  """Base (HF dir or GGUF) plus an optional PEFT adapter merged in -> one GGUF file."""
+  """Base (HF dir, GGUF or named base) plus an optional PEFT adapter merged in -> one GGUF."""
   from models import lora, peft_io
 
   say = log or (lambda _: None)
