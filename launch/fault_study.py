@@ -27,8 +27,9 @@ from fedjax_lora import experiment
 from launch import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(configs.__file__).parent / "federate.py"),
-    "Federation config; the study overrides algorithm, faults and security per run.")
+    "config", str(Path(configs.__file__).parent / "federate.py") + ":tiny",
+    "Federation config (default: the tiny smoke model, as the committed study); the study "
+    "overrides algorithm, faults and security per run.")
 _ALGORITHMS = flags.DEFINE_list("algorithms", ["fedavg", "median", "trimmed_mean", "norm_clip",
                                                "fedmedlora_plus"], "Aggregators to compare.")
 _FAULTS = flags.DEFINE_list("faults", ["none", "nan", "scale", "sign_flip", "label_flip",

@@ -205,8 +205,8 @@ def test_launcher_losses_fall_and_adapter_is_exported(tmp_path):
   caps = [f"--config.data.sites.{s}.max_train_examples=12" for s in
           ("discharge_summary", "narrative_hospital", "telegraphic_clinic")]
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}", "--config.run.rounds=3",
-       *caps], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+      [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}",
+       "--config=configs/federate.py:tiny", "--config.run.rounds=3", *caps], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stderr.count("round ") >= 3
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -221,7 +221,8 @@ def test_launcher_losses_fall_and_adapter_is_exported(tmp_path):
   for name in ("f1_per_round", "val_loss_per_round", "weights_per_round", "cumulative_bytes"):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
   again = subprocess.run(
-      [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}"], cwd=REPO, env=env,
+      [sys.executable, "-m", "launch.federate", f"--workdir={tmp_path}",
+       "--config=configs/federate.py:tiny"], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=600)
   assert again.returncode != 0 and "--resume" in again.stderr
 

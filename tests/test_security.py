@@ -454,7 +454,7 @@ def test_bad_fault_and_security_settings_name_the_field(overrides, needle):
 
 # ---- crash safety --------------------------------------------------------------------------------
 
-FLAGS = ["--config.run.rounds=3", "--config.run.keep_last=2", "--config.model.hidden_size=32",
+FLAGS = ["--config=configs/federate.py:tiny", "--config.run.rounds=3", "--config.run.keep_last=2", "--config.model.hidden_size=32",
          "--config.model.intermediate_size=64", "--config.model.num_layers=1",
          "--config.lora.rank=4", "--config.eval.round_examples_per_task=0",
          *[f"--config.data.sites.{s}.max_train_examples=6" for s in SITES]]
@@ -611,7 +611,8 @@ def test_client_level_dp_fedavg_reports_its_epsilon(data):
      "error: config.privacy.example_clip must be > 0"),
 ])
 def test_launchers_print_one_error_line(tmp_path, args, needle):
-  proc = subprocess.run([sys.executable, "-m", *args, f"--workdir={tmp_path}"], cwd=REPO,
+  tiny = ["--config=configs/federate.py:tiny"] if args[0] == "launch.federate" else []
+  proc = subprocess.run([sys.executable, "-m", *args, *tiny, f"--workdir={tmp_path}"], cwd=REPO,
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2, proc.stderr[-2000:]
