@@ -612,7 +612,8 @@ def test_client_level_dp_fedavg_reports_its_epsilon(data):
 ])
 def test_launchers_print_one_error_line(tmp_path, args, needle):
   tiny = ["--config=configs/federate.py:tiny"] if args[0] == "launch.federate" else []
-  proc = subprocess.run([sys.executable, "-m", *args, *tiny, f"--workdir={tmp_path}"], cwd=REPO,
+  proc = subprocess.run([sys.executable, "-m", args[0], *tiny, *args[1:], f"--workdir={tmp_path}"],
+                        cwd=REPO,
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2, proc.stderr[-2000:]

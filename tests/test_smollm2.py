@@ -63,13 +63,23 @@ def test_logits_and_greedy_completion_match_transformers_on_the_same_gguf(ours):
   got = np.asarray(llama.forward(graphdef, params, (), jnp.asarray([ids]))[0])
   assert np.abs(got - want).max() <= 1e-3
 
+  # 32 greedy tokens of a longer answer; both sides stop at <|im_end|> if it comes first.
+  long = tok.apply_chat_template([{"role": "user", "content": "List three symptoms of the "
+                                   "flu and explain each one briefly."}],
+                                 add_generation_prompt=True, tokenize=False)
+  long = tok(long, add_special_tokens=False)["input_ids"]
+  eos = tok.convert_tokens_to_ids("<|im_end|>")
   with torch.no_grad():
-    hf_new = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                          min_new_tokens=32)[0, len(ids):].tolist()
-  tokens, mask = generation.left_pad([ids], tok.pad_token_id)
+    hf_new = ref.generate(torch.tensor([long]), max_new_tokens=32, do_sample=False,
+                          eos_token_id=eos)[0, len(long):].tolist()
+  tokens, mask = generation.left_pad([long], tok.pad_token_id)
   out, lengths = generation.generate(config, graphdef, params, (), jnp.asarray(tokens),
-                                     jnp.asarray(mask), max_new_tokens=32, eos_ids=())
-  assert np.asarray(out[0]).tolist() == hf_new
+                                     jnp.asarray(mask), max_new_tokens=32, eos_ids=(eos,))
+  assert len(hf_new) == 32
+  assert np.asarray(out[0])[:int(lengths[0])].tolist() == hf_new
+  with torch.no_grad():
+    hf_new = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                          eos_token_id=eos)[0, len(ids):].tolist()
   assert "Paris" in tok.decode(hf_new)
 
 
@@ -117,7 +127,7 @@ def test_two_training_steps_lower_the_loss_and_generation_stops_at_end_of_turn(o
     loss, grads = step(adapter)
     seen.append(float(loss))
     adapter = adapter.replace(params=jax.tree.map(lambda p, g: p - 1e-3 * jnp.sign(g),
-                                                  adapter.params, grads))
+                                                  adapter.params, grads.params))
   seen.append(float(step(adapter)[0]))
   assert seen[2] < seen[0], seen
 
