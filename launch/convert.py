@@ -14,7 +14,7 @@ keeps its quantization error; writing q8_0/q4_* quantizes again from those value
 from absl import app, flags
 
 from launch import errors
-from models import gguf_export
+from models import bases, checkpoints, gguf_export
 
 _TO = flags.DEFINE_enum("to", None, ["hf", "gguf"],
                         "Direction: 'hf' turns --src (a GGUF file) into an HF directory at --out; "
@@ -56,7 +56,10 @@ def main(argv):
   else:
     if not _BASE.value:
       raise app.UsageError("--to=gguf needs --base=HF_DIR_OR_GGUF")
-    print(gguf_export.merged_to_gguf(_BASE.value, _OUT.value, _ADAPTER.value, _TYPE.value,
+    base = _BASE.value  # a named base is read from its cached GGUF (pre-tokenizer kept)
+    base = (bases.gguf_path(base) if bases.is_named(base)
+            else checkpoints.resolve(base, log=print))
+    print(gguf_export.merged_to_gguf(base, _OUT.value, _ADAPTER.value, _TYPE.value,
                                      _PRE.value, log=print))
 
 

@@ -355,26 +355,27 @@ def gguf_to_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = 
   return out
 
 
-def load_base(base: str | os.PathLike, log: Callable[[str], None] | None = None):
-  """(config, params, tokenizer, pre, name) from an HF directory, a GGUF file or a named base
-  (read from its cached GGUF, so llama.cpp's pre-tokenizer name carries over)."""
-  from models import bases, checkpoints
+def load_base(path: Path, log: Callable[[str], None] | None = None):
+  """(config, params, tokenizer, pre, name) from a local HF directory or GGUF file (see
+  `checkpoints.resolve`; for a named base pass its cached GGUF, `bases.gguf_path`, so
+  llama.cpp's pre-tokenizer name carries over)."""
+  from models import hf_checkpoint
+  from models.tokenizer import load_tokenizer
 
-  path = (bases.gguf_path(str(base), log or print) if bases.is_named(str(base))
-          else checkpoints.resolve(base, log or print))
-  config, _, params = checkpoints.load_params(path, log=log)
-  tokenizer = checkpoints.load_tokenizer(path)
+  path = Path(path)
   if path.is_file():
+    config, _, params = gguf_checkpoint.load_params(path, log=log)
     meta = gguf_checkpoint.metadata(gguf_checkpoint.open_reader(path))
-    return (config, params, tokenizer, meta.get("tokenizer.ggml.pre"),
-            meta.get("general.name") or path.stem)
-  return config, params, tokenizer, None, path.name
+    return (config, params, gguf_checkpoint.load_tokenizer(path),
+            meta.get("tokenizer.ggml.pre"), meta.get("general.name") or path.stem)
+  config, _, params = hf_checkpoint.load_params(path, log=log)
+  return config, params, load_tokenizer(path), None, path.name
 
 
 def merged_to_gguf(base: str | os.PathLike, out: str | os.PathLike,
                    adapter: str | os.PathLike | None = None, tensor_type: str = "f16",
                    pre: str | None = None, log: Callable[[str], None] | None = None) -> Path:
-  """Base (HF dir, GGUF or named base) plus an optional PEFT adapter merged in -> one GGUF."""
+  """Base (local HF dir or GGUF) plus an optional PEFT adapter merged in -> one GGUF file."""
   from models import lora, peft_io
 
   say = log or (lambda _: None)
