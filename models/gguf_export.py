@@ -39,7 +39,6 @@ SUPPORTED_TOKENIZERS = ("byte-level BPE fast tokenizers with merges (GPT-2 style
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 # End-of-turn tokens llama.cpp also recognises by name; they end generation in chat use.
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 
 TensorTypes = Mapping[str, str] | Callable[[str], str | None] | None
 
@@ -305,14 +304,17 @@ def write_gguf(path: str | os.PathLike, config: LlamaConfig, params: dict, token
 # ---- conversions (launch/convert.py) ---------------------------------------------------
 
 def end_of_turn_ids(tokenizer, meta: Mapping) -> list[int]:
-  """Ids that end an assistant turn: the file's eot/eom ids and the known end-of-turn
-  tokens its chat template writes (e.g. <|im_end|>, <|eot_id|>)."""
+  """Ids that end an assistant turn: the file's eot/eom ids and the token its chat template
+  closes the assistant turn with (`models.tokenizer.chat_end_of_turn`)."""
+  from models.tokenizer import chat_end_of_turn
+
   ids = [int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
          if meta.get(k) is not None]
-  template = tokenizer.chat_template or ""
-  template = template if isinstance(template, str) else " ".join(template.values())
-  vocab = tokenizer.get_vocab()
-  ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in template and t in vocab]
+  if getattr(tokenizer, "chat_template", None):
+    try:
+      ids.append(tokenizer.convert_tokens_to_ids(chat_end_of_turn(tokenizer)))
+    except ValueError:
+      pass  # a template without a special end of turn: EOS alone ends generation
   return ids
 
 

@@ -54,3 +54,25 @@ def build_byte_tokenizer(out_dir: str | os.PathLike):
                                     pad_token="<pad>")
   wrapped.save_pretrained(str(out_dir))
   return wrapped
+
+
+def chat_end_of_turn(tokenizer) -> str:
+  """The special token a tokenizer's chat template closes the assistant turn with (ChatML's
+  <|im_end|>, Llama-3's <|eot_id|>), found by rendering a turn; ValueError if none."""
+  user = {"role": "user", "content": "Q"}
+  answer = "A1b2C3"  # text no template rewrites
+  prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+  full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": answer}],
+                                       tokenize=False)
+  if not full.startswith(prompt + answer):
+    raise ValueError("the chat template does not write the assistant turn right after the "
+                     "generation prompt, so training and generation prompts would differ")
+  rest = full[len(prompt + answer):]
+  specials = sorted({str(t) for t in tokenizer.all_special_tokens}
+                    | {t.content for t in tokenizer.added_tokens_decoder.values()},
+                    key=len, reverse=True)
+  for token in specials:
+    if rest.startswith(token):
+      return token
+  raise ValueError(f"the chat template ends the assistant turn with {rest[:20]!r}, not with "
+                   "a special token generation could stop at")

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Sequence
 
 from fedjax_lora.data.records import DataError
+from models.tokenizer import chat_end_of_turn
 
 PROMPT_FORMATS = ("paper", "chat")
 
@@ -83,25 +84,10 @@ def make_renderer(tokenizer, prompt_format: str = "paper",
 
 
 def _end_of_turn(tokenizer, field: str) -> str:
-  """The special token the template closes the assistant turn with."""
-  user = {"role": "user", "content": "Q"}
-  answer = "A1b2C3"  # text no template rewrites
-  prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-  full = tokenizer.apply_chat_template([user, {"role": "assistant", "content": answer}],
-                                       tokenize=False)
-  if not full.startswith(prompt + answer):
-    raise TemplateError(f"{field}='chat': the tokenizer's chat template does not write the "
-                        "assistant turn right after the generation prompt, so training and "
-                        "generation prompts would differ")
-  rest = full[len(prompt + answer):]
-  specials = sorted({str(t) for t in tokenizer.all_special_tokens}
-                    | {t.content for t in tokenizer.added_tokens_decoder.values()},
-                    key=len, reverse=True)
-  for token in specials:
-    if rest.startswith(token):
-      return token
-  raise TemplateError(f"{field}='chat': the chat template ends the assistant turn with "
-                      f"{rest[:20]!r}, not with a special token generation could stop at")
+  try:
+    return chat_end_of_turn(tokenizer)
+  except ValueError as e:
+    raise TemplateError(f"{field}='chat': {e}") from None
 
 
 def as_renderer(tokenizer_or_renderer) -> Renderer:
