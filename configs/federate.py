@@ -83,7 +83,10 @@ def tiny_config() -> ml_collections.ConfigDict:
       seed=0, val_examples_per_site=8, val_chunk=8, eval_every=1, keep_last=3,
       best_metric="val_loss", best_mode="min",
   ))
-  c.mode = "vmap"              # "vmap" (all clients at once) or "sequential" (lax.map)
+  # How a round runs its clients: "vmap" (all at once), "sequential" (one at a time under
+  # lax.map), "chunked:N" (N at a time) or "auto" (chunks that fit in half the free device
+  # memory; one at a time on CPU). See fedjax_lora/client_modes.py.
+  c.mode = "vmap"
   c.mesh = ml_collections.ConfigDict(dict(clients=0, fsdp=1))  # 0 = as many as divide evenly
   c.keep_optimizer_state = False  # the paper starts a fresh AdamW state every round
   c.eval = eval_config()

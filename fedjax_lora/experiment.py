@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from configs import federate as federate_defaults
 from fedjax_lora import aggregators as agg_lib
+from fedjax_lora import client_modes
 from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
@@ -162,8 +163,10 @@ def check_config(config) -> None:
   if ranks and alg.hetero_ranks and max(ranks) != config.lora.rank:
     raise ConfigError(f"config.lora.rank={config.lora.rank} must equal the largest of "
                       f"config.lora.site_ranks={ranks} (the global rank)")
-  if config.mode not in ("vmap", "sequential"):
-    raise ConfigError(f"config.mode must be 'vmap' or 'sequential', got {config.mode!r}")
+  try:
+    client_modes.parse(config.mode)
+  except ValueError as e:
+    raise ConfigError(f"config.mode {e}") from None
   if run.clients_per_round < 0 or not 0.0 <= run.client_fraction <= 1.0:
     raise ConfigError("config.run.clients_per_round must be >= 0 and client_fraction in [0, 1]")
   if not 0.0 < run.availability <= 1.0:

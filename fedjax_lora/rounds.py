@@ -2,10 +2,11 @@
 server-side validation, aggregation and the update of per-site state.
 
 Clients run under `jax.vmap` over a leading client axis with the frozen base broadcast
-(`mode="vmap"`), or one after another under `lax.map` when only one client fits in memory
-(`mode="sequential"`). Both trace the same client function, so their results agree; the
-client axis can be sharded over a mesh axis `clients` by placing the inputs (see
-`fedjax_lora.mesh`).
+(`mode="vmap"`), one after another under `lax.map` when only one client fits in memory
+(`mode="sequential"`), or `chunk` at a time: vmapped within a chunk, chunks under
+`lax.map` (`mode="chunked"`; `fedjax_lora.client_modes` chooses it for `auto`). All trace
+the same client function, so their results agree; the client axis can be sharded over a
+mesh axis `clients` by placing the inputs (see `fedjax_lora.mesh`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lora import aggregators as agg_lib
+from fedjax_lora import client_modes
 from fedjax_lora.aggregators import base as agg_base
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, client_update, scaffold_control
@@ -24,7 +26,7 @@ from fedjax_lora.losses import causal_lm_loss
 from models import llama
 from models.lora import LoraAdapter, LoraSpec
 
-MODES = ("vmap", "sequential")
+MODES = ("vmap", "sequential", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class RoundSpec:
   global_spec: LoraSpec
   local_spec: LoraSpec | None = None
   mode: str = "vmap"
+  chunk: int = 0               # clients per chunk (mode="chunked")
   gamma: float = 0.0           # fedmedlora_plus: p_k ∝ n_k^gamma exp(-L_k / T)
   temperature: float = 1.0
   keep_optimizer_state: bool = False
@@ -65,16 +68,30 @@ def validation_loss(graphdef, base, adapters, val: dict):
   return jnp.sum(sums) / jnp.maximum(jnp.sum(counts), 1.0)
 
 
-def _client_axis(fn, mode, in_axes):
-  if mode == "vmap":
+def _client_axis(fn, spec: RoundSpec, in_axes):
+  """fn over the leading client axis of the `in_axes == 0` arguments, as spec.mode says."""
+  if spec.mode == "vmap":
     return jax.vmap(fn, in_axes=in_axes)
-  def sequential(*args):
-    mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
-    def one(xs):
-      it = iter(xs)
-      return fn(*[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)])
-    return jax.lax.map(one, tuple(mapped))
-  return sequential
+  if spec.mode == "chunked":
+    per_chunk = jax.vmap(fn, in_axes=in_axes)
+  else:
+    per_chunk = fn
+
+  def mapped(*args):
+    xs = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+    m = jax.tree.leaves(xs)[0].shape[0]
+    chunk = client_modes.chunk_size(m, spec.chunk) if spec.mode == "chunked" else 1
+    if spec.mode == "chunked":  # [M, ...] -> [M / chunk, chunk, ...]
+      xs = jax.tree.map(lambda x: x.reshape((m // chunk, chunk) + x.shape[1:]), xs)
+
+    def one(x):
+      it = iter(x)
+      return per_chunk(*[next(it) if ax == 0 else a for a, ax in zip(args, in_axes)])
+    out = jax.lax.map(one, xs)
+    if spec.mode == "chunked":
+      out = jax.tree.map(lambda y: y.reshape((m,) + y.shape[2:]), out)
+    return out
+  return mapped
 
 
 def _take(tree, idx):
@@ -123,7 +140,7 @@ def train_clients(spec: RoundSpec, graphdef, base, state: dict, sites: dict, bat
 
   in_axes = tuple(None if a is None else 0 for a in (
       trainable, batches, step_mask, rngs, site_controls, rank_mask, opt_state))
-  run = _client_axis(one_client, spec.mode, in_axes)
+  run = _client_axis(one_client, spec, in_axes)
   trained, new_opt, client_metrics = run(trainable, batches, step_mask, rngs, site_controls,
                                          rank_mask, opt_state)
   out = {"trained": trained, "opt": new_opt if spec.keep_optimizer_state else None,
@@ -192,7 +209,7 @@ def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, b
         adapters.append(LoraAdapter(local, spec.local_spec))
       return validation_loss(graphdef, base, adapters, val)
     val_axes = (0, 0 if alg.local_adapter else None)
-    losses = _client_axis(client_val, spec.mode, val_axes)(
+    losses = _client_axis(client_val, spec, val_axes)(
         trained["global"], trained.get("local"))
     weights = agg_lib.validation_weights(losses, token_counts, accepted, spec.gamma,
                                          spec.temperature)
@@ -253,12 +270,18 @@ def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, 
   return state, sites, {**metrics, **server_metrics}
 
 
+def _check(spec: RoundSpec) -> None:
+  if spec.mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
+  if spec.mode == "chunked" and spec.chunk < 1:
+    raise ValueError(f"mode chunked needs chunk >= 1, got {spec.chunk}")
+
+
 def compile_round(spec: RoundSpec, aggregator, graphdef, max_norm: float = 0.0):
   """The jitted round. Per-site state (the bulk for dual_lora/fedsa_lora/SCAFFOLD) is donated;
   the global adapter is not, since some aggregators legitimately return buffers they keep
   in their state (FLoRA's shared A)."""
-  if spec.mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
+  _check(spec)
   fn = functools.partial(round_step, spec, aggregator, graphdef, max_norm=max_norm)
   return jax.jit(fn, donate_argnames=("sites",))
 
@@ -266,8 +289,7 @@ def compile_round(spec: RoundSpec, aggregator, graphdef, max_norm: float = 0.0):
 def compile_round_phases(spec: RoundSpec, aggregator, graphdef, max_norm: float = 0.0):
   """(train, aggregate): the round as two programs, for when the server must check the
   uploads on the host in between (signatures, secure aggregation)."""
-  if spec.mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {spec.mode!r}")
+  _check(spec)
   train = jax.jit(functools.partial(train_clients, spec, graphdef))
   aggregate = jax.jit(functools.partial(aggregate_round, spec, aggregator, graphdef,
                                         max_norm=max_norm), donate_argnames=("sites",))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
-from fedjax_lora import batching, checkpointing, comm, faults, files
+from fedjax_lora import batching, checkpointing, client_modes, comm, faults, files
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
@@ -184,8 +184,16 @@ class Federation:
     if site_ranks:
       self.rank_masks = (np.arange(lora_spec.rank)[None, :] <
                          np.array(site_ranks)[:, None]).astype(np.float32)
-    self.spec = RoundSpec(algorithm, client, lora_spec, local_spec, mode, gamma, temperature,
-                          keep_optimizer_state)
+    try:
+      clients, why = client_modes.choose(
+          mode, len(sample_clients(len(sites), run, 0)[0]), model_config, run.batch_size,
+          self.length, jax.devices()[0])
+    except ValueError as e:
+      raise ConfigError(f"config.mode {e}") from None
+    if client_modes.parse(mode)[0] != clients.mode:  # chosen here: say what and why
+      log(f"client mode {mode}: {clients.describe()} ({why})")
+    self.spec = RoundSpec(algorithm, client, lora_spec, local_spec, clients.mode, clients.chunk,
+                          gamma, temperature, keep_optimizer_state)
     self.security = security
     self.round_fn = compile_round(self.spec, aggregator, graphdef, security.max_update_norm)
     self.train_fn = self.aggregate_fn = None

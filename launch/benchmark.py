@@ -25,13 +25,14 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from fedjax_lora import client_modes
 from launch import errors
 
 REPO = Path(__file__).resolve().parent.parent
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(REPO / "configs" / "benchmark.py"),
-    "Benchmark config; `configs/benchmark.py:SHAPE` with SHAPE in tiny, small, llama3_2_1b, "
-    "llama3_8b. Fields are overridable: --config.repeats=5.")
+    "Benchmark config; `configs/benchmark.py:SHAPE` with SHAPE in tiny, small, smollm2_135m, "
+    "llama3_2_1b, llama3_8b. Fields are overridable: --config.repeats=5.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory for the random checkpoint "
                                "and worker outputs (default: a new temporary directory).")
 _OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
@@ -45,7 +46,7 @@ CONFIG_FILE = "config.json"  # the resolved config, in the workdir, for the work
 
 # ---- worker side ---------------------------------------------------------------------------
 def run_worker(spec: str, c, workdir: Path) -> dict:
-  framework, task = spec.split("/")
+  framework, task, *mode = spec.split("/", 2)  # jax/rounds/MODE: one client mode
   if framework == "jax":
     from fedjax_lora.bench import jax_side as side
     out = {"device": side.device_description()}
@@ -61,7 +62,8 @@ def run_worker(spec: str, c, workdir: Path) -> dict:
       return out
     if task == "train":
       out["peak_matmul_flops"] = side.peak_matmul(c.peak_matmul_size, c.dtype)
-    out.update(getattr(side, task)(c, workdir))
+    out.update(side.rounds(c, workdir, mode[0]) if task == "rounds" else
+               getattr(side, task)(c, workdir))
     return out
   from fedjax_lora.bench import torch_side as side
   compiled = framework == "torch_compile"
@@ -106,7 +108,8 @@ def _worker_env(spec: str, scratch: Path) -> dict:
 
 
 def _spawn(spec: str, workdir: Path) -> tuple[dict | None, str | None]:
-  out = workdir / "workers" / (spec.replace("/", "__") + ".json")
+  out = workdir / "workers" / (re.sub(r"[^A-Za-z0-9_.-]", "_", spec.replace("/", "__"))
+                               + ".json")
   log = out.with_suffix(".stderr")
   out.parent.mkdir(parents=True, exist_ok=True)
   print(f"[{spec}] running", flush=True)
@@ -128,23 +131,38 @@ def _device_slug(device: dict) -> str:
   return re.sub(r"[^a-z0-9]+", "-", device.get("device_kind", "device").lower()).strip("-")
 
 
+def _worker_specs(c) -> list[str]:
+  """FRAMEWORK/TASK for each worker process; JAX rounds run one process per client mode, so
+  each mode's peak memory is its own."""
+  specs = []
+  for framework in c.frameworks:
+    for task in c.get("tasks", TASKS):
+      if task == "generate" and framework == "torch_compile":
+        continue  # generation is compared against transformers' own generate
+      if task == "rounds" and framework == "jax":
+        specs += [f"jax/rounds/{mode}" for mode in c.modes]
+      else:
+        specs.append(f"{framework}/{task}")
+  return specs
+
+
 def _run_workers(c, workdir: Path):
   """(results by framework and task, errors by worker, devices, peak matmul FLOP/s)."""
   results, failed, devices, peaks = {}, {}, {}, {}
-  for framework in c.frameworks:
-    for task in TASKS:
-      if task == "generate" and framework == "torch_compile":
-        continue  # generation is compared against transformers' own generate
-      result, error = _spawn(f"{framework}/{task}", workdir)
-      if error:
-        failed[f"{framework}/{task}"] = error
-        print(f"[{framework}/{task}] FAILED: {error}", flush=True)
-        continue
-      results.setdefault(framework, {})[task] = result
-      devices["jax" if framework == "jax" else "torch"] = result["device"]
-      if "peak_matmul_flops" in result:
-        side = "jax" if framework == "jax" else "torch"
-        peaks[side] = max(peaks.get(side, 0.0), result["peak_matmul_flops"])
+  for spec in _worker_specs(c):
+    framework, task = spec.split("/")[:2]
+    result, error = _spawn(spec, workdir)
+    if error:
+      failed[spec] = error
+      print(f"[{spec}] FAILED: {error}", flush=True)
+      continue
+    device = result.pop("device")
+    peak = result.pop("peak_matmul_flops", None)
+    results.setdefault(framework, {}).setdefault(task, {}).update(result)
+    devices["jax" if framework == "jax" else "torch"] = device
+    if peak:
+      side = "jax" if framework == "jax" else "torch"
+      peaks[side] = max(peaks.get(side, 0.0), peak)
   return results, failed, devices, peaks
 
 
@@ -177,6 +195,7 @@ def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
       "config": c.to_dict(),
       "device": devices,
       "cpu_model": _cpu_model(),
+      "cpu_flags": _cpu_flags(),
       "software": _versions(),
       "flops": {
           "train_per_token": flops.train_flops_per_token(cfg, spec, c.seq_len),
@@ -212,6 +231,20 @@ def _cpu_model() -> str | None:
   return None
 
 
+def _cpu_flags() -> str | None:
+  """The CPU's vector extensions. The model name alone says too little: two machines named
+  'AMD EPYC' here gave 494 and 59 GFLOP/s on the same 2048^3 float32 matmul."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          have = set(line.split(":", 1)[1].split())
+          return " ".join(sorted(f for f in have if f.startswith(("avx", "fma", "amx")))) or None
+  except OSError:
+    pass
+  return None
+
+
 def main(argv):
   del argv
   c = _CONFIG.value
@@ -221,10 +254,18 @@ def main(argv):
     result = run_worker(_WORKER.value, c, workdir)
     Path(_OUT.value).write_text(json.dumps(result, indent=2))
     return
+  for mode in c.modes:
+    try:
+      client_modes.parse(mode)
+    except ValueError as e:
+      raise app.UsageError(f"--config.modes: {e}") from None
   unknown = [f for f in c.frameworks if f not in ("jax", "torch_eager", "torch_compile")]
   if unknown:
     raise app.UsageError(f"--config.frameworks: unknown {unknown}; expected jax, torch_eager, "
                          "torch_compile")
+  unknown = [t for t in c.get("tasks", TASKS) if t not in TASKS]
+  if unknown:
+    raise app.UsageError(f"--config.tasks: unknown {unknown}; expected some of {TASKS}")
   if "jax" not in c.frameworks:
     raise app.UsageError("--config.frameworks must include jax (the ratios are against it)")
   workdir = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="fedjax_bench_"))

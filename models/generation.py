@@ -54,19 +54,29 @@ def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | Non
 
 def generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens: int,
              eos_ids: Sequence[int] = (), sample: bool = False, temperature=1.0, rng=None,
-             pad_id: int = 0):
+             pad_id: int = 0, row_budgets=None):
   """Greedy (or temperature-sampled) continuation of left- or right-padded prompts.
 
   Returns (new_tokens [B, max_new_tokens] padded with `pad_id` after EOS, lengths [B]
   counting the EOS token when one was produced). Stops early once every row is done.
+  row_budgets: optional int [B], each row's own new-token limit (<= max_new_tokens). It is
+  an array, not a static argument: rows with different budgets share one compiled program,
+  whose shape depends only on the batch, the prompt length and `max_new_tokens`.
   """
   total = prompt_tokens.shape[1] + max_new_tokens
   if total > config.max_position_embeddings:
     logging.warning("prompt (%d) + max_new_tokens (%d) exceeds max_position_embeddings=%d",
                     prompt_tokens.shape[1], max_new_tokens, config.max_position_embeddings)
+  B = prompt_tokens.shape[0]
+  if row_budgets is None:
+    row_budgets = np.full((B,), max_new_tokens, np.int32)
+  row_budgets = np.asarray(row_budgets, np.int32)
+  if row_budgets.shape != (B,) or row_budgets.min() < 1 or row_budgets.max() > max_new_tokens:
+    raise ValueError(f"row_budgets must be {B} values in [1, max_new_tokens={max_new_tokens}], "
+                     f"got shape {row_budgets.shape} in [{row_budgets.min()}, {row_budgets.max()}]")
   # Canonical (hashable, tuple) static arguments so equal calls share one compilation.
   return _generate(config, graphdef, params, tuple(lora_lib.as_adapter_list(adapters)),
-                   prompt_tokens, prompt_mask, max_new_tokens=int(max_new_tokens),
+                   prompt_tokens, prompt_mask, row_budgets, max_new_tokens=int(max_new_tokens),
                    eos_ids=tuple(sorted(set(int(e) for e in eos_ids))), sample=bool(sample),
                    temperature=temperature, rng=rng, pad_id=pad_id)
 
@@ -86,13 +96,14 @@ def greedy_token(logits):
 
 @functools.partial(jax.jit, static_argnames=("config", "graphdef", "max_new_tokens", "eos_ids",
                                              "sample"))
-def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *, max_new_tokens,
-              eos_ids, sample, temperature, rng, pad_id):
+def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, row_budgets, *,
+              max_new_tokens, eos_ids, sample, temperature, rng, pad_id):
   B, P = prompt_tokens.shape
   cache = llama.init_cache(config, B, P + max_new_tokens)
   # Prefill scans the layers and projects only each row's last real token to the vocabulary.
   hidden, cache = llama.forward(graphdef, params, adapters, prompt_tokens,
-                                attention_mask=prompt_mask, cache=cache, return_hidden=True)
+                                attention_mask=prompt_mask, cache=cache, return_hidden=True,
+                                fresh_cache=True)
   rng = jax.random.key(0) if rng is None else rng
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -106,8 +117,8 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
   rng, key = jax.random.split(rng)
   first = choose(llama.lm_head(graphdef, params, hidden[jnp.arange(B), last_real]), key)
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  done = jnp.isin(first, eos)
   lengths = jnp.ones((B,), jnp.int32)
+  done = jnp.isin(first, eos) | (lengths >= row_budgets)
 
   def cond(state):
     step, _, _, done, _, _ = state
@@ -119,16 +130,14 @@ def _generate(config, graphdef, params, adapters, prompt_tokens, prompt_mask, *,
     # One token per step through the layers as configured (scanned by default), so the
     # program and its compile time stay flat in depth: at the 30-layer SmolLM2-135M shape
     # (batch 4, 256-token prompts) generate compiled in 5.5 s against 25.9 s with this
-    # step's layers unrolled. XLA:CPU copies each layer's weights out of the stack at every
-    # step; at the small benchmark shape (batch 16) `llama._cached_attention` wins that
-    # back, at batch 4 on 30 layers a step costs ~10% more (153 against 140 ms).
+    # step's layers unrolled, and stepped as fast.
     logits, cache = llama.forward(graphdef, params, adapters, last[:, None],
                                   attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache)
     rng, key = jax.random.split(rng)
     nxt = jnp.where(done, pad_id, choose(logits[:, -1], key))
     out = out.at[:, step].set(nxt)
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(nxt, eos)
+    done = done | jnp.isin(nxt, eos) | (lengths >= row_budgets)
     return step + 1, cache, out, done, lengths, rng
 
   state = (jnp.array(1, jnp.int32), cache, out, done, lengths, rng)

@@ -1,6 +1,8 @@
 """The simulator: execution modes agree, masked steps are no-ops, resume is exact, every
 algorithm runs by name with its defining behaviour, bad configs fail before training."""
 
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 import configs.federate as federate_config
-from fedjax_lora import experiment, mesh as mesh_lib
+from fedjax_lora import client_modes, experiment, mesh as mesh_lib, rounds
 from fedjax_lora.algorithms import ALGORITHMS
 from fedjax_lora.client import client_update
 from fedjax_lora.data import prepare
@@ -87,6 +89,52 @@ def test_vmap_sequential_sharded_and_python_loop_agree(data):
                           *[y["global"] for y in ys])
   _assert_trees_close(runs["vmap"], expected)
   assert not np.allclose(jax.tree.leaves(start)[1], jax.tree.leaves(expected)[1])
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 4])
+def test_chunked_clients_equal_vmap_and_sequential(data, chunk):
+  # Six clients (the three sites twice): chunks of 2 and 3 divide them; 4 falls back to 3.
+  fed = build(data)
+  idx, _, batches, step_mask, keys, _ = fed.round_inputs(1)
+  twice = lambda x: np.concatenate([np.asarray(x)] * 2)
+  idx6, batches6 = twice(idx), jax.tree.map(twice, batches)
+  mask6, keys6 = twice(step_mask), jax.random.split(jax.random.key(3), 6)
+  state = {"global": fed.state["global"], "server": fed.state["server"]}
+  out = {}
+  for mode, n in (("vmap", 0), ("sequential", 0), ("chunked", chunk)):
+    spec = dataclasses.replace(fed.spec, mode=mode, chunk=n)
+    run = jax.jit(functools.partial(rounds.train_clients, spec, fed.graphdef))
+    trained, _ = run(fed.base, state, fed.state["sites"], batches6, mask6, idx6, keys6)
+    out[mode] = jax.tree.map(np.asarray, trained["trained"]["global"])
+  _assert_trees_close(out["vmap"], out["sequential"])
+  _assert_trees_close(out["vmap"], out["chunked"])
+  assert client_modes.chunk_size(6, chunk) == {2: 2, 3: 3, 4: 3}[chunk]
+
+
+def test_auto_client_mode_fits_the_memory_and_runs_one_client_at_a_time_on_cpu():
+  from models.config import LlamaConfig
+  cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64)
+  per_client = client_modes.activation_bytes(cfg, 4, 512)
+  assert 3 * 2**30 < per_client < 8 * 2**30   # the 135M base at [4, 512]: ~5.4 GiB
+
+  class Device:
+    def __init__(self, platform, free):
+      self.platform, self.free = platform, free
+
+    def memory_stats(self):
+      return {"bytes_limit": self.free, "bytes_in_use": 0}
+  room_for_3 = int(3.5 * per_client / client_modes.MEMORY_FRACTION)
+  mode, _ = client_modes.choose("auto", 8, cfg, 4, 512, Device("gpu", room_for_3))
+  assert (mode.mode, mode.chunk) == ("chunked", 2)        # 3 fit; 2 is the divisor of 8
+  mode, _ = client_modes.choose("auto", 8, cfg, 4, 512, Device("gpu", 100 * per_client))
+  assert mode.mode == "vmap"
+  mode, _ = client_modes.choose("auto", 8, cfg, 4, 512, Device("gpu", per_client // 4))
+  assert mode.mode == "sequential"                        # not even one fits: one at a time
+  mode, why = client_modes.choose("auto", 8, cfg, 4, 512, Device("cpu", 100 * per_client))
+  assert mode.mode == "sequential" and "CPU" in why
+  with pytest.raises(ValueError, match="chunked:N"):
+    client_modes.parse("chunked:0")
 
 
 def test_masked_steps_leave_a_client_where_it_ends_alone(data):

@@ -149,7 +149,7 @@ def _lowered_generate_chars(num_layers):
       config, lora_lib.LoraSpec(rank=2, alpha=4), jax.random.key(0)))
   tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
   lowered = generation._generate.lower(config, graphdef, params, (adapter,), tokens, tokens,
-                                       max_new_tokens=8, eos_ids=(), sample=False,
+                                       jax.ShapeDtypeStruct((2,), jnp.int32), max_new_tokens=8, eos_ids=(), sample=False,
                                        temperature=1.0, rng=None, pad_id=0)
   return len(lowered.as_text())
 
@@ -163,15 +163,19 @@ def test_decode_program_does_not_grow_with_depth():
 
 @pytest.mark.parametrize("new_tokens", [1, 5])
 def test_cached_attention_matches_dot_product_attention(new_tokens):
-  B, S, H, kv, hd = 2, 8, 6, 2, 16
+  # Earlier slots and this call's own tokens under one softmax equal attention over both.
+  B, S, H, kv, hd, T = 2, 8, 6, 2, 16, new_tokens
   rng = np.random.default_rng(0)
-  q = rng.normal(size=(B, new_tokens, H, hd)).astype(np.float32)
-  k, v = rng.normal(size=(2, B, S, kv, hd)).astype(np.float32)
-  mask = (rng.random((B, 1, new_tokens, S)) < 0.5) | (np.arange(S) == 0)
+  q = rng.normal(size=(B, T, H, hd)).astype(np.float32)
+  k, v = rng.normal(size=(2, B, S + T, kv, hd)).astype(np.float32)
+  old_mask = (rng.random((B, 1, 1, S)) < 0.5) | (np.arange(S) == 0)
+  new_mask = np.tril(np.ones((T, T), bool))[None, None].repeat(B, 0)
+  mask = np.concatenate([np.broadcast_to(old_mask, (B, 1, T, S)), new_mask], axis=-1)
   ref = jax.jit(jax.nn.dot_product_attention)(q, k, v, mask=mask)
   # Slots as the cache stores them: keys [B, kv, hd, S], values [B, kv, S, hd].
-  got = jax.jit(llama._cached_attention)(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3),
-                                         mask)
+  got = jax.jit(llama._cached_attention)(
+      q, k[:, :S].transpose(0, 2, 3, 1), v[:, :S].transpose(0, 2, 1, 3), old_mask,
+      k[:, S:], v[:, S:], new_mask)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -186,3 +190,22 @@ def test_unrolled_layers_decode_the_same_tokens(sharp_model):
           for g in (graphdef, unrolled)]
   assert len(set(np.asarray(outs[0]).ravel().tolist())) > 4, "outputs should vary"
   np.testing.assert_array_equal(*outs)
+
+
+@pytest.mark.parametrize("length", [128, 384])
+def test_blocked_causal_attention_matches_dot_product_attention(length):
+  # 384 = three blocks, each over the keys up to its end; 128 = one block: the plain path.
+  B, H, kv, hd = 2, 6, 2, 16
+  rng = np.random.default_rng(1)
+  q = rng.normal(size=(B, length, H, hd)).astype(np.float32)
+  k, v = rng.normal(size=(2, B, length, kv, hd)).astype(np.float32)
+  real = np.arange(length)[None] >= np.array([[0], [37]])   # row 1 left-padded
+  causal = np.tril(np.ones((length, length), bool))
+  mask = ((causal[None] & real[:, None, :]) | np.eye(length, dtype=bool)[None])[:, None]
+  ref = jax.jit(jax.nn.dot_product_attention)(q, k, v, mask=mask)
+  got = jax.jit(llama.causal_attention)(q, k, v, mask)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda q: (f(q, k, v, mask=mask) ** 2).sum())(q)
+           for f in (jax.nn.dot_product_attention,
+                     lambda q, k, v, mask: llama.causal_attention(q, k, v, mask))]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
+from fedjax_lora import client_modes
 from fedjax_lora.algorithms import get_algorithm
 from fedjax_lora.bench import memory, workload
 from fedjax_lora.bench.timing import first_and_repeats
@@ -64,34 +65,48 @@ def train(c, workdir) -> dict:
   return stats
 
 
-def rounds(c, workdir) -> dict:
-  """Wall time of a whole FedAvg round for each K and client mode (inputs from host)."""
+def rounds(c, workdir, mode: str) -> dict:
+  """Wall time and memory of a whole FedAvg round for each K in one client mode (`vmap`,
+  `sequential` or `chunked:N`), inputs from the host. K ascends, so the running peak of
+  this process after K is that K's peak (a round's memory grows with K)."""
   cfg, graphdef, base, spec, adapter = _load(c, workdir)
   aggregator = agg_lib.get_aggregator("fedavg")
+  device = jax.devices()[0]
   out = {}
   before = memory.rss_mb()
-  for mode in c.modes:
-    round_fn = compile_round(RoundSpec(get_algorithm("fedavg"), ClientConfig(), spec, mode=mode),
+  for k in c.clients:
+    clients, _ = client_modes.choose(mode, k, cfg, c.batch_size, c.seq_len, device)
+    in_flight = {"vmap": k, "chunked": clients.chunk}.get(clients.mode, 1)
+    need = in_flight * client_modes.activation_bytes(cfg, c.batch_size, c.seq_len)
+    free = client_modes.free_device_bytes(device)
+    if free is not None and need > 0.9 * free:
+      out[f"{mode}/K={k}"] = {"skipped": f"needs ~{need / 2**30:.1f} GiB of activations, "
+                                         f"{free / 2**30:.1f} GiB free"}
+      print(f"  jax {mode} K={k}: skipped ({out[f'{mode}/K={k}']['skipped']})", flush=True)
+      continue
+    round_fn = compile_round(RoundSpec(get_algorithm("fedavg"), ClientConfig(), spec,
+                                       mode=clients.mode, chunk=clients.chunk),
                              aggregator, graphdef)
-    for k in c.clients:
-      clients = workload.round_batches(c, cfg.vocab_size, k)
-      batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in clients])
-      mask = np.stack([m for _, m in clients])
-      keys = jax.random.split(jax.random.key(0), k)
-      counts = np.full(k, float(workload.client_round_tokens(c)), np.float32)
-      state = {"global": adapter, "server": aggregator.init(adapter)}
+    batch_list = workload.round_batches(c, cfg.vocab_size, k)
+    batches = jax.tree.map(lambda *x: np.stack(x), *[b for b, _ in batch_list])
+    mask = np.stack([m for _, m in batch_list])
+    keys = jax.random.split(jax.random.key(0), k)
+    counts = np.full(k, float(workload.client_round_tokens(c)), np.float32)
+    state = {"global": adapter, "server": aggregator.init(adapter)}
 
-      def one_round():
-        new_state, _, metrics = round_fn(base, state, {}, batches, mask, np.arange(k),
-                                         np.ones(k, bool), counts, keys, None, None)
-        return jax.block_until_ready((new_state, metrics))
+    def one_round():
+      new_state, _, metrics = round_fn(base, state, {}, batches, mask, np.arange(k),
+                                       np.ones(k, bool), counts, keys, None, None)
+      return jax.block_until_ready((new_state, metrics))
 
-      stats = first_and_repeats(one_round, c.repeats)
-      stats["tokens_per_s"] = k * workload.client_round_tokens(c) / stats["median_s"]
-      out[f"{mode}/K={k}"] = stats
-      print(f"  jax {mode} K={k}: {stats['median_s']:.3f} s per round "
-            f"(first {stats['first_s']:.2f} s)", flush=True)
-  out["memory"] = _memory(before)
+    stats = first_and_repeats(one_round, c.repeats)
+    stats["tokens_per_s"] = k * workload.client_round_tokens(c) / stats["median_s"]
+    stats["clients"] = clients.describe()
+    stats["memory"] = _memory(before)
+    out[f"{mode}/K={k}"] = stats
+    print(f"  jax {mode} K={k} ({clients.describe()}): {stats['median_s']:.3f} s per round "
+          f"(first {stats['first_s']:.2f} s), peak {stats['memory']['peak_mb']:,.0f} MB",
+          flush=True)
   return out
 
 

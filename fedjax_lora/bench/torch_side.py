@@ -91,10 +91,10 @@ def rounds(c, workdir, compile: bool) -> dict:
       _sync(c)
     stats = first_and_repeats(one_round, c.repeats)
     stats["tokens_per_s"] = k * workload.client_round_tokens(c) / stats["median_s"]
+    stats["memory"] = _memory(c, before)  # running peak: K ascends (see jax_side.rounds)
     out[f"sequential/K={k}"] = stats
     print(f"  torch{' compiled' if compile else ''} K={k}: {stats['median_s']:.3f} s per round "
           f"(first {stats['first_s']:.2f} s)", flush=True)
-  out["memory"] = _memory(c, before)
   return out
 
 

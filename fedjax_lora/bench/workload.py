@@ -28,6 +28,7 @@ def model_config(c) -> LlamaConfig:
                      max_position_embeddings=max(4096, c.seq_len, c.generate.prompt_len
                                                  + c.generate.new_tokens),
                      bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                     tie_word_embeddings=bool(m.get("tie_word_embeddings", False)),
                      param_dtype=c.dtype, dtype=c.dtype, remat=m.remat,
                      attention_impl=m.attention_impl or None)
 

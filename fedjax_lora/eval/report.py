@@ -75,6 +75,10 @@ def markdown(results: Mapping[str, Any], train: Sequence[str], external: Sequenc
               f"{gen['tokens_per_second']:.0f} tokens/s after compilation, "
               f"{gen['distinct_shapes']} compiled shapes, {gen['hit_budget']} answers cut by "
               "their token budget.", ""]
+  comp = results.get("compile")
+  if comp:
+    lines += [f"Compilation: {comp['seconds']:.0f} s of {comp['wall_seconds']:.0f} s wall "
+              f"({100 * comp['fraction_of_wall']:.1f}%), {comp['compilations']} programs.", ""]
   seconds = results.get("seconds")
   if seconds:
     lines += ["Seconds per setting (training + evaluation): " +

@@ -29,6 +29,7 @@ import numpy as np
 from fedjax_lora import experiment, files
 from fedjax_lora.data.encoding import SiteArrays
 from fedjax_lora.eval import plots, report
+from fedjax_lora.compile_meter import CompileMeter
 from fedjax_lora.eval.decoding import DecodeConfig, Decoder
 from fedjax_lora.eval.evaluator import aggregate_sites, eval_sets, evaluate_sets
 from fedjax_lora.eval.hooks import hook_from_config, site_models
@@ -251,10 +252,18 @@ class SettingsRun:
   def run(self) -> dict:
     order = [s for s in ("zero_shot", "federated", "single_site", "centralized", "new_site")
              if s in self.ev.settings]
+    meter, start = CompileMeter(), time.perf_counter()
     for setting in order:
       t0 = time.perf_counter()
       getattr(self, setting)()
       self.results["seconds"][setting] = round(time.perf_counter() - t0, 2)
+    wall = time.perf_counter() - start
+    self.results["compile"] = {"seconds": round(meter.seconds, 2),
+                               "compilations": meter.compilations,
+                               "wall_seconds": round(wall, 2),
+                               "fraction_of_wall": round(meter.seconds / max(wall, 1e-9), 4)}
+    self.log(f"compiling took {meter.seconds:.1f} s of {wall:.1f} s "
+             f"({100 * meter.seconds / max(wall, 1e-9):.1f}%, {meter.compilations} programs)")
     self.results["generation"] = self.decoder.total.to_dict()
     self.save()
     return self.results
