@@ -61,10 +61,15 @@ def test_benchmark_smoke_end_to_end(tmp_path):
     assert tasks["train"]["tokens_per_s"] > 0 and tasks["train"]["first_s"] > 0
     assert tasks["train"]["memory"]["peak_mb"] > 0
   rounds = doc["results"]["jax"]["rounds"]
-  for mode in ("vmap", "sequential"):
+  for mode in ("vmap", "sequential", "chunked:2"):
     for k in doc["config"]["clients"]:
       assert rounds[f"{mode}/K={k}"]["median_s"] > 0
-  assert doc["results"]["jax"]["train"]["device"]["device_count"] == 1  # forced host devices dropped
+      assert rounds[f"{mode}/K={k}"]["memory"]["peak_mb"] > 0   # each K's own figure
+  assert rounds["chunked:2/K=1"]["clients"] == "sequential"     # one client: no chunk to vmap
+  assert rounds["chunked:2/K=2"]["clients"] == "vmap"           # one chunk holds both
+  gen = doc["results"]["jax"]["generate"]
+  assert gen["prefill_s"] > 0 and gen["decode_tokens_per_s"] > 0
+  assert doc["device"]["jax"]["device_count"] == 1  # forced host devices dropped
   for name in ("jax", "torch", "measured_peak"):
     assert doc["peak_matmul_flops"][name] > 0
   assert all(isinstance(t["value"], float) and t["value"] > 0 for t in doc["targets"])
@@ -73,7 +78,8 @@ def test_benchmark_smoke_end_to_end(tmp_path):
   table = (out / "smoke.md").read_text()
   assert "| LoRA training, tokens/s |" in table and "| target |" in table
   assert "train FLOPs/token = 4*N_matmul" in table
-  assert "round wall time K=2" in table
+  assert "round wall time K=2" in table and "round peak memory K=2" in table
+  assert "decoding steps alone" in table
 
 
 @pytest.mark.parametrize("override, needle", [

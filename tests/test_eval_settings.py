@@ -69,9 +69,9 @@ def test_spread_and_budget_and_clean_output():
   assert evaluator.spread(10, 3) == [0, 4, 9] or evaluator.spread(10, 3) == [0, 5, 9]
   assert evaluator.spread(3, 10) == [0, 1, 2]
   cfg = decoding.DecodeConfig(max_new_tokens=256, new_tokens_factor=2.0, new_tokens_margin=16)
-  assert decoding.budget(10, cfg) == 64          # 36 -> next power of two
-  assert decoding.budget(100, cfg) == 256        # 216 -> 256, the cap
-  assert decoding.budget(1000, cfg) == 256
+  assert decoding.budget(10, cfg) == 36          # 2 x 10 + 16: each row its own budget
+  assert decoding.budget(100, cfg) == 216
+  assert decoding.budget(1000, cfg) == 256       # the cap
   assert decoding.clean_output(' a <span class="x">b</span>\n### Input Text:\nmore') == \
       'a <span class="x">b</span>'
   with pytest.raises(ValueError, match="temperature"):

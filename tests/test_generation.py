@@ -209,3 +209,22 @@ def test_blocked_causal_attention_matches_dot_product_attention(length):
            for f in (jax.nn.dot_product_attention,
                      lambda q, k, v, mask: llama.causal_attention(q, k, v, mask))]
   np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
+def test_row_budgets_stop_each_row_where_its_own_call_would(sharp_model):
+  # One program for rows of different budgets: each row equals its own call's output.
+  config, graphdef, params, adapters = sharp_model
+  prompts = [[7, 8, 9, 10, 11, 12, 13], [20, 21], [30, 31, 32, 33]]
+  tokens, mask = generation.left_pad(prompts, pad_id=0)
+  out, lengths = generation.generate(config, graphdef, params, adapters, jnp.asarray(tokens),
+                                     jnp.asarray(mask), max_new_tokens=9, pad_id=96,
+                                     row_budgets=[3, 9, 5])
+  assert np.asarray(lengths).tolist() == [3, 9, 5]
+  for r, budget in enumerate([3, 9, 5]):
+    one, _ = generation.generate(config, graphdef, params, adapters, jnp.asarray(tokens[r:r + 1]),
+                                 jnp.asarray(mask[r:r + 1]), max_new_tokens=budget, pad_id=96)
+    np.testing.assert_array_equal(np.asarray(out)[r, :budget], np.asarray(one)[0])
+    assert (np.asarray(out)[r, budget:] == 96).all()
+  with pytest.raises(ValueError, match="row_budgets"):
+    generation.generate(config, graphdef, params, adapters, jnp.asarray(tokens),
+                        jnp.asarray(mask), max_new_tokens=4, row_budgets=[3, 9, 5])

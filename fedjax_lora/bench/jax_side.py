@@ -13,7 +13,7 @@ from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import client_modes
 from fedjax_lora.algorithms import get_algorithm
 from fedjax_lora.bench import memory, workload
-from fedjax_lora.bench.timing import first_and_repeats
+from fedjax_lora.bench.timing import first_and_repeats, prefill_and_decode
 from fedjax_lora.client import ClientConfig, client_update
 from fedjax_lora.rounds import RoundSpec, compile_round
 from models import generation, hf_checkpoint, lora as lora_lib
@@ -111,14 +111,16 @@ def rounds(c, workdir, mode: str) -> dict:
 
 
 def generate(c, workdir) -> dict:
-  """New tokens/s of batched greedy decoding with the KV cache, no early stop."""
+  """New tokens/s of batched greedy decoding with the KV cache, no early stop; and apart,
+  the prefill (a one-token call) and the decoding steps' own rate."""
   cfg, graphdef, base, spec, adapter = _load(c, workdir)
   tokens, mask = workload.prompts(c, cfg.vocab_size)
   adapters = [lora_lib.LoraAdapter(adapter, spec)]
-  run = functools.partial(generation.generate, cfg, graphdef, base, adapters, tokens, mask,
-                          max_new_tokens=c.generate.new_tokens, eos_ids=())
+  run = lambda n: jax.block_until_ready(generation.generate(
+      cfg, graphdef, base, adapters, tokens, mask, max_new_tokens=n, eos_ids=()))
   before = memory.rss_mb()
-  stats = first_and_repeats(lambda: jax.block_until_ready(run()), c.repeats)
+  stats = first_and_repeats(lambda: run(c.generate.new_tokens), c.repeats)
   stats["new_tokens_per_s"] = c.generate.batch_size * c.generate.new_tokens / stats["median_s"]
+  stats.update(prefill_and_decode(c, lambda: run(1), stats["median_s"]))
   stats["memory"] = _memory(before)
   return stats

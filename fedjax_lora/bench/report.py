@@ -165,6 +165,12 @@ def _measure_rows(doc) -> list[str]:
                    f"{g['new_tokens']}; torch = transformers generate)",
                    [_get(res, "jax", "generate", "new_tokens_per_s"),
                     _get(res, "torch_eager", "generate", "new_tokens_per_s"), None]))
+  rows.append(_row("  of which prefill (one-token call), s",
+                   [_get(res, f, "generate", "prefill_s") for f in ("jax", "torch_eager")] + [None],
+                   higher_is_better=False))
+  rows.append(_row("  decoding steps alone, new tokens/s",
+                   [_get(res, f, "generate", "decode_tokens_per_s") for f in ("jax", "torch_eager")]
+                   + [None]))
   for task in ("train", "generate"):
     rows.append(_row(f"peak memory, MB ({task})",
                      [_get(res, f, task, "memory", "peak_mb") for f in FRAMEWORKS],

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fedjax_lora.bench import memory, workload
-from fedjax_lora.bench.timing import first_and_repeats
+from fedjax_lora.bench.timing import first_and_repeats, prefill_and_decode
 from fedjax_lora.client import ClientConfig
 from fedjax_lora.torch_baseline import TorchFederation
 from models import lora as lora_lib
@@ -109,14 +109,15 @@ def generate(c, workdir) -> dict:
   n = c.generate.new_tokens
   before = memory.rss_mb()
 
-  def run():
+  def run(new_tokens):
     with torch.inference_mode():
-      out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n,
-                           min_new_tokens=n, do_sample=False, eos_token_id=None,
+      out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
     _sync(c)
-    assert out.shape[1] == tokens.shape[1] + n
-  stats = first_and_repeats(run, c.repeats)
+    assert out.shape[1] == tokens.shape[1] + new_tokens
+  stats = first_and_repeats(lambda: run(n), c.repeats)
   stats["new_tokens_per_s"] = c.generate.batch_size * n / stats["median_s"]
+  stats.update(prefill_and_decode(c, lambda: run(1), stats["median_s"]))
   stats["memory"] = _memory(c, before)
   return stats
