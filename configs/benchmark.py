@@ -56,11 +56,12 @@ def get_config(shape: str = "small") -> ml_collections.ConfigDict:
       shape, (1, 2, 4, 8))
   c.tasks = ("train", "rounds", "generate")   # which measurements to run
   # JAX client modes timed per round (config.mode's values; fedjax_lora/client_modes.py).
-  # A (mode, K) whose estimated activations exceed 90% of the free memory is skipped.
+  # A (mode, K) whose estimated activations exceed most of the free memory is skipped
+  # (bench/jax_side.py FIT_FRACTION).
   c.modes = ("sequential", "chunked:2", "vmap")
   c.frameworks = ("jax", "torch_eager", "torch_compile")
-  # Timed repetitions after the first (compile) call; 2 at the 135M shape, whose K=8 torch
-  # round alone takes minutes on 2 CPU cores.
+  # Timed repetitions after the first (compile) call; 2 at the 135M shape, where one
+  # training step takes ~30 s on 2 CPU cores.
   c.repeats = {"tiny": 1, "smollm2_135m": 2}.get(shape, 3)
   c.generate = ml_collections.ConfigDict(dict(
       batch_size=16 if shape != "tiny" else 4,

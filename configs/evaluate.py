@@ -14,6 +14,7 @@ from configs import federate
 def get_config() -> ml_collections.ConfigDict:
   c = federate.get_config("tiny")
   c.run.rounds = 3
+  c.eval.max_new_tokens = 512  # whole answers for a real checkpoint (--config.model.path)
   held_out = dict(corpus="", tasks=("ner", "re"), unit="document", pack=True, window_tokens=0,
                   empty_fraction=1.0, discontinuous="first_fragment", max_train_examples=0,
                   train_split="train", dev_split="dev", test_split="test",

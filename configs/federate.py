@@ -26,6 +26,10 @@ def get_config(base: str = "smollm2") -> ml_collections.ConfigDict:
   c = tiny_config()
   if base == "smollm2":
     smollm2(c)
+  else:
+    # A random model never ends its answer, so every monitored answer runs to its budget:
+    # 64 tokens keep the per-round hook to seconds (its F1 is 0 whatever the budget).
+    c.eval.max_new_tokens = 64
   return c
 
 
@@ -83,9 +87,9 @@ def tiny_config() -> ml_collections.ConfigDict:
       seed=0, val_examples_per_site=8, val_chunk=8, eval_every=1, keep_last=3,
       best_metric="val_loss", best_mode="min",
   ))
-  # How a round runs its clients: "vmap" (all at once), "sequential" (one at a time under
-  # lax.map), "chunked:N" (N at a time) or "auto" (chunks that fit in half the free device
-  # memory; one at a time on CPU). See fedjax_lora/client_modes.py.
+  # How a round runs its clients: "vmap" (all at once), "sequential" (one at a time),
+  # "chunked:N" (N at a time) or "auto" (chosen from the device's memory; see
+  # fedjax_lora/client_modes.py).
   c.mode = "vmap"
   c.mesh = ml_collections.ConfigDict(dict(clients=0, fsdp=1))  # 0 = as many as divide evenly
   c.keep_optimizer_state = False  # the paper starts a fresh AdamW state every round
@@ -155,7 +159,8 @@ def eval_config() -> ml_collections.ConfigDict:
       # for `adapt_rounds` rounds of run.epochs (0: run.rounds, the federated budget).
       adapt_k=(0, 10, 50, -1), adapt_from="", adapt_rounds=0,
       # Decoding: prompts per compiled batch; new-token budget per answer =
-      # min(max_new_tokens, factor x input tokens + margin), bucketed to a power of two.
+      # min(max_new_tokens, factor x input tokens + margin), each answer stopping at its
+      # own (one compiled program per power-of-two prompt length).
       batch_size=16, max_new_tokens=512, new_tokens_factor=2.0, new_tokens_margin=16,
       temperature=0.0, seed=0,   # temperature 0 = greedy (the paper)
   ))

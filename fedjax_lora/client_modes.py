@@ -6,7 +6,9 @@
   chunked:N   N clients at a time under `vmap`, the chunks one after another under
               `lax.map` (activations x N);
   auto        `chunked:N` with the largest N whose estimated training activations fit in
-              half of the device's free memory; on the CPU backend N is 1 (see `choose`).
+              MEMORY_FRACTION of the device's free memory; on the CPU backend N is 1
+              (see `choose`).
+A chunk that holds every client runs as vmap, a chunk of one as sequential.
 All four trace the same client function, so their results agree.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-MODES = ("vmap", "sequential", "chunked", "auto")
+RESOLVED = ("vmap", "sequential", "chunked")  # what a round runs (`RoundSpec.mode`)
 # Fraction of the free device memory that the clients' activations may take; the rest is
 # left for the base, XLA's temporaries and fragmentation.
 MEMORY_FRACTION = 0.5
@@ -54,24 +56,27 @@ def chunk_size(num_clients: int, chunk: int) -> int:
 
 
 def activation_bytes(model_config, batch_size: int, seq_len: int) -> int:
-  """Estimated bytes one client's training step keeps for its backward pass (no remat).
+  """Estimated bytes one client's training step keeps for its backward pass.
 
   Per layer and token: the normed inputs, q/k/v and their rotated copies, the attention
   output and projection, the MLP's gate, up, SiLU and product (8 D + 3 kv + 4 F values),
   plus the attention probabilities and logits (2 H L values); then the float32 logits and
-  their gradient over the vocabulary. Remat policies that save less make this an upper
-  bound.
+  their gradient over the vocabulary. With remat "full" a layer keeps only its input, plus
+  one layer's full set while it is recomputed; the other policies save more than "full"
+  and less than none, and are counted as none (an upper bound). At the SmolLM2-135M shape
+  ([4, 512], float32) this gives 5.4 GiB; the benchmark's training worker peaked 5.65 GiB
+  above its loaded model.
   """
   c = model_config
-  import numpy as np
-  b = np.dtype(c.dtype).itemsize
+  b = c.jnp_dtype.itemsize
   n = batch_size * seq_len
   kv = c.num_kv_heads * c.head_dim
   per_layer = n * (8 * c.hidden_size + 3 * kv + 4 * c.intermediate_size) * b
   per_layer += 2 * batch_size * c.num_heads * seq_len * seq_len * 4
-  if c.remat != "none":
-    per_layer = n * c.hidden_size * b  # only the layer inputs are kept; one layer recomputed
-  return int(c.num_layers * per_layer + 2 * n * c.vocab_size * 4)
+  layers = c.num_layers * per_layer
+  if c.remat == "full":
+    layers = c.num_layers * n * c.hidden_size * b + per_layer
+  return int(layers + 2 * n * c.vocab_size * 4)
 
 
 def free_device_bytes(device) -> int | None:
@@ -94,9 +99,8 @@ def choose(mode: str, num_clients: int, model_config, batch_size: int, seq_len: 
   """(ClientMode, why) for `mode` as in config.mode and `num_clients` sampled per round."""
   name, n = parse(mode)
   if name == "chunked":
-    got = chunk_size(num_clients, n)
-    why = f"{got} clients per chunk" + (f" ({n} does not divide {num_clients})" if got != n else "")
-    return ClientMode("chunked", got), why
+    return _from_chunk(chunk_size(num_clients, n), num_clients,
+                       f"{num_clients} clients in chunks of at most {n}")
   if name != "auto":
     return ClientMode(name), "as configured"
   per_client = activation_bytes(model_config, batch_size, seq_len)
@@ -107,12 +111,17 @@ def choose(mode: str, num_clients: int, model_config, batch_size: int, seq_len: 
   if device.platform == "cpu":
     # XLA:CPU already spreads one client's matmuls over every core, and vmapped clients
     # ran slower than sequential ones: 8 clients of the small benchmark shape took 20.4 s
-    # vmapped against 15.7 s in sequence (benchmarks/results/small_cpu.md).
+    # vmapped against 15.7 s in sequence (benchmarks/results/small_cpu_avx512.md), and at the
+    # 135M base 2 clients took 57.4 s vmapped against 56.8 s (smollm2_135m_cpu.md).
     fits = min(fits, 1)
     why += "; on CPU one client at a time is fastest"
-  got = chunk_size(num_clients, max(1, fits))
-  if got >= num_clients:
-    return ClientMode("vmap"), why
-  if got == 1:
+  return _from_chunk(chunk_size(num_clients, max(1, fits)), num_clients, why)
+
+
+def _from_chunk(chunk: int, num_clients: int, why: str) -> tuple[ClientMode, str]:
+  """A chunk of one client is sequential, a chunk of every client vmap."""
+  if chunk == 1:
     return ClientMode("sequential"), why
-  return ClientMode("chunked", got), why
+  if chunk >= num_clients:
+    return ClientMode("vmap"), why
+  return ClientMode("chunked", chunk), why

@@ -7,6 +7,10 @@ total over a window of work:
   meter = CompileMeter()
   ...                                        # anything that may compile
   meter.seconds                              # compile time since the meter was made
+
+With a persistent compilation cache (JAX_COMPILATION_CACHE_DIR), a program loaded from it
+still reports a backend "compile" event: it counts as a compilation here, and the time
+counted is the load's.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from fedjax_lora.losses import causal_lm_loss
 from models import llama
 from models.lora import LoraAdapter, LoraSpec
 
-MODES = ("vmap", "sequential", "chunked")
+MODES = client_modes.RESOLVED
 
 
 @dataclasses.dataclass(frozen=True)

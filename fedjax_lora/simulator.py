@@ -190,8 +190,8 @@ class Federation:
           self.length, jax.devices()[0])
     except ValueError as e:
       raise ConfigError(f"config.mode {e}") from None
-    if client_modes.parse(mode)[0] != clients.mode:  # chosen here: say what and why
-      log(f"client mode {mode}: {clients.describe()} ({why})")
+    if mode != clients.describe():  # resolved here (auto, or a chunk lowered): say so
+      log(f"config.mode {mode}: running {clients.describe()} ({why})")
     self.spec = RoundSpec(algorithm, client, lora_spec, local_spec, clients.mode, clients.chunk,
                           gamma, temperature, keep_optimizer_state)
     self.security = security

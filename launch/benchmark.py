@@ -39,8 +39,13 @@ _OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
                            "Directory for NAME.json and NAME.md (a worker: its JSON file).")
 _NAME = flags.DEFINE_string("name", None, "Result file stem (default: SHAPE_DEVICE).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: FRAMEWORK/TASK to run in this process.")
+_RESUME = flags.DEFINE_bool("resume", False, "Reuse the results of workers that finished in "
+                            "--workdir under the same config (frameworks, tasks and modes may "
+                            "differ; delete a worker's JSON there to run it again); the rest "
+                            "run.")
 
 TASKS = ("train", "rounds", "generate")
+SELECTION = ("frameworks", "tasks", "modes")  # config fields that only pick workers to run
 CONFIG_FILE = "config.json"  # the resolved config, in the workdir, for the workers
 
 
@@ -62,6 +67,8 @@ def run_worker(spec: str, c, workdir: Path) -> dict:
       return out
     if task == "train":
       out["peak_matmul_flops"] = side.peak_matmul(c.peak_matmul_size, c.dtype)
+    if task == "rounds" and not mode:
+      raise app.UsageError(f"--worker={spec}: JAX rounds run one mode, e.g. jax/rounds/vmap")
     out.update(side.rounds(c, workdir, mode[0]) if task == "rounds" else
                getattr(side, task)(c, workdir))
     return out
@@ -95,7 +102,9 @@ def _worker_env(spec: str, scratch: Path) -> dict:
     # Torch workers use JAX only on the host (configs, the adapter init): keep it off the
     # accelerator so that it neither takes memory from torch nor preallocates a pool.
     env["JAX_PLATFORMS"] = "cpu"
-  # A cold torch.compile in every worker, as JAX compiles from scratch (no persistent cache).
+  # Cold compilation in every worker, on both sides: no persistent JAX cache (a test
+  # session may set one), and a fresh torch.compile cache.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / "inductor_cache")
   env["TRITON_CACHE_DIR"] = str(scratch / "triton_cache")
   # One device per worker: drop a forced host device count (e.g. from the test setup).
@@ -112,6 +121,9 @@ def _spawn(spec: str, workdir: Path) -> tuple[dict | None, str | None]:
                                + ".json")
   log = out.with_suffix(".stderr")
   out.parent.mkdir(parents=True, exist_ok=True)
+  if _RESUME.value and out.is_file():
+    print(f"[{spec}] reused from {out}", flush=True)
+    return json.loads(out.read_text()), None
   print(f"[{spec}] running", flush=True)
   # The worker reads the resolved config from workdir/config.json.
   cmd = [sys.executable, "-m", "launch.benchmark", f"--worker={spec}", f"--workdir={workdir}",
@@ -178,7 +190,14 @@ def _same_device(devices: dict) -> str | None:
 
 def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
   from fedjax_lora.bench import flops, report, workload
-  (workdir / CONFIG_FILE).write_text(c.to_json_best_effort(indent=2))
+  resolved = c.to_json_best_effort(indent=2)
+  if _RESUME.value and (workdir / CONFIG_FILE).is_file():
+    # Which workers run may change; what each one measures may not.
+    what = lambda cfg: {k: v for k, v in cfg.items() if k not in SELECTION}
+    if what(json.loads((workdir / CONFIG_FILE).read_text())) != what(json.loads(resolved)):
+      raise app.UsageError(f"--resume: {workdir / CONFIG_FILE} measured another config; use "
+                           "a new --workdir, or change only frameworks, tasks or modes")
+  (workdir / CONFIG_FILE).write_text(resolved)
   setup, error = _spawn("jax/setup", workdir)
   if error:
     print(f"error: could not create the benchmark checkpoint: {error}", file=sys.stderr)

@@ -63,7 +63,8 @@ def compile_stats(num_layers):
   t0 = time.perf_counter()
   # The arguments `generation.generate` passes (config is static: each depth lowers anew).
   lowered = generation._generate.lower(
-      config, graphdef, params, (adapter,), tokens, mask, max_new_tokens=_NEW.value,
+      config, graphdef, params, (adapter,), tokens, mask,
+      jax.ShapeDtypeStruct((_BATCH.value,), jnp.int32), max_new_tokens=_NEW.value,
       eos_ids=(), sample=False, temperature=1.0, rng=None, pad_id=0)
   t1 = time.perf_counter()
   lowered.compile()

@@ -70,8 +70,9 @@ class Llama(nnx.Module):
     tokens: int [B, T]. attention_mask: [B, T], 1 for real tokens (default all ones).
     positions: int [B, T] RoPE positions (default: count of real tokens before each one).
     cache: from `init_cache`; the T new tokens are written at `cache['index']`.
-    fresh_cache: the cache holds nothing yet (a prefill): attention runs among the new
-      tokens only, as without a cache, instead of over every (empty) slot.
+    fresh_cache: the caller promises the cache holds nothing yet (index 0: a prefill), so
+      attention runs among the new tokens only, as without a cache, instead of over every
+      (empty) slot. Earlier slots of a used cache would be ignored.
     dropout_rng: enables LoRA dropout (training); None = deterministic. Under `vmap` over
       clients pass one key per client (vmapped), or every client draws the same mask.
     return_hidden: return the final-norm hidden states instead of logits (see `lm_head`).
@@ -92,9 +93,11 @@ class Llama(nnx.Module):
                        for a in lora_lib.as_adapter_list(adapters))
     lora_meta = tuple(a.spec for a in lora_lib.as_adapter_list(adapters))
     # Each layer reads its own slice of the cache and returns only its new tokens' keys and
-    # values; they are written into the stacked cache once, after the layers. Writing into
-    # the stack inside the loop made XLA:CPU copy the whole cache at every layer: a decoding
-    # step of the 30-layer SmolLM2-135M shape (batch 16, 640 slots) took 621 ms that way.
+    # values, which are written into the stacked cache once, after the layers; the new
+    # tokens attend to each other directly. A prefill (fresh_cache) therefore runs the
+    # blocked causal attention over the prompt alone, not over every empty slot. Decoding
+    # steps cost the same as with the writes inside the layer loop (0.51 s per step at the
+    # 30-layer SmolLM2-135M shape, batch 16, 640 slots, 2 CPU cores: XLA updated in place).
     old = None if cache is None or fresh_cache else {"k": cache["k"], "v": cache["v"]}
     xs = {"w": stacked, "lora": lora_views, "layer": jnp.arange(cfg.num_layers), "cache": old}
 
@@ -166,7 +169,7 @@ def default_positions(attention_mask, cache=None):
 
 
 def _attention_masks(attention_mask, cache, T, fresh_cache=False):
-  """({"new": [B, 1, T, T], "old": [B, 1, T, S] or None}, the cache's new validity or None).
+  """({"new": [B, 1, T, T], "old": [B, 1, 1, S] or None}, the cache's new validity or None).
 
   "new": causal among the T new tokens over the real ones, plus each query's own token (so
   padding queries never see an all-masked row and no NaN appears). "old": the cache slots
@@ -272,29 +275,28 @@ def causal_attention(q, k, v, mask, implementation=None):
   """Attention of q [B, T, H, hd] over k, v [B, T, kv, hd] under a causal mask [B, 1, T, T]
   (no query sees a later key).
 
-  With `implementation` unset, T a multiple of CAUSAL_BLOCK and at least two blocks, the
-  queries go in blocks of CAUSAL_BLOCK rows, each over the keys up to its own end only:
-  the masked upper triangle is neither multiplied nor exponentiated (at 4 blocks, 10 of 16
-  tiles). On 2 CPU cores at the SmolLM2-135M shape ([4, 512], 9/3 heads) one layer's
-  forward+backward took 150 ms this way against 244 ms through
+  With `implementation` unset and T of at least two CAUSAL_BLOCKs, the queries go in
+  blocks of CAUSAL_BLOCK rows (the last may be shorter), each over the keys up to its own
+  end only: the masked upper triangle is neither multiplied nor exponentiated (at 4
+  blocks, 10 of 16 tiles). On 2 CPU cores at the SmolLM2-135M shape ([4, 512], 9/3 heads)
+  one layer's forward+backward took 150 ms this way against 244 ms through
   `jax.nn.dot_product_attention` (torch's fused SDPA: 183 ms). Otherwise, and for a named
   `implementation` (e.g. cudnn), `jax.nn.dot_product_attention`.
   """
   B, T, H, hd = q.shape
-  blocks = T // CAUSAL_BLOCK
-  if implementation or T % CAUSAL_BLOCK or blocks < 2:
+  if implementation or T < 2 * CAUSAL_BLOCK:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   kv = k.shape[2]
   g = H // kv
   neg = -0.7 * jnp.finfo(jnp.float32).max
   outs = []
-  for i in range(blocks):
-    lo, hi = i * CAUSAL_BLOCK, (i + 1) * CAUSAL_BLOCK
-    qb = q[:, lo:hi].reshape(B, CAUSAL_BLOCK, kv, g, hd)
+  for lo in range(0, T, CAUSAL_BLOCK):
+    hi = min(T, lo + CAUSAL_BLOCK)
+    qb = q[:, lo:hi].reshape(B, hi - lo, kv, g, hd)
     logits = jnp.einsum("btkgd,bskd->bkgts", qb, k[:, :hi], preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, :, None, lo:hi, :hi], logits * hd ** -0.5, neg)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, v[:, :hi]).reshape(B, CAUSAL_BLOCK, H, hd))
+    outs.append(jnp.einsum("bkgts,bskd->btkgd", probs, v[:, :hi]).reshape(B, hi - lo, H, hd))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -308,7 +310,8 @@ def _cached_attention(q, k_slots, v_slots, old_mask, k_new, v_new, new_mask):
   stacked into one matrix so both products are plain batched matmuls over (row, KV head).
   At the small benchmark shape (batch 16, 256 slots) the two products of a decoding step
   took 2.6 ms per layer through `dot_product_attention` on [hd, S] value slots, 1.6 ms
-  here. `attention_impl` applies only to passes without a cache.
+  here. `attention_impl` does not apply here (decoding steps; a prefill runs
+  `causal_attention`).
   """
   B, T, H, hd = q.shape
   kv, S = k_slots.shape[1], k_slots.shape[3]

@@ -1,11 +1,19 @@
 """Shared fixtures: tiny random Hugging Face LLaMA checkpoints built locally (no downloads)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA compilation cache for the whole suite, inherited by the launchers the
+# tests run as subprocesses: a resumed or repeated run of the same config loads its
+# programs instead of compiling them again (entries are keyed by the program and the JAX
+# version, so a stale cache cannot serve a wrong program).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"fedjax_lora_test_xla_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax
 import pytest

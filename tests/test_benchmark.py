@@ -68,7 +68,7 @@ def test_benchmark_smoke_end_to_end(tmp_path):
   assert rounds["chunked:2/K=1"]["clients"] == "sequential"     # one client: no chunk to vmap
   assert rounds["chunked:2/K=2"]["clients"] == "vmap"           # one chunk holds both
   gen = doc["results"]["jax"]["generate"]
-  assert gen["prefill_s"] > 0 and gen["decode_tokens_per_s"] > 0
+  assert gen["prefill_s"] > 0 and "decode_tokens_per_s" in gen  # None if noise hides the steps
   assert doc["device"]["jax"]["device_count"] == 1  # forced host devices dropped
   for name in ("jax", "torch", "measured_peak"):
     assert doc["peak_matmul_flops"][name] > 0
@@ -112,21 +112,23 @@ def test_paper_configs_pass_validation_with_the_paper_settings(shape):
 
 
 def _fake_doc(platform="cpu"):
-  """Worker results with known answers: JAX trains 2x eager, its round is 2.5x faster."""
+  """Worker results with known answers: JAX trains 2x eager, its round is 2.5x faster and
+  takes twice torch's memory."""
   c = benchmark_config.get_config("tiny").to_dict()
   c["clients"], c["modes"] = [1, 2], ["vmap", "sequential"]
   memory = lambda mb: {"kind": "host", "peak_mb": mb}
-  rounds = lambda t1, t2, modes: {f"{m}/K={k}": {"median_s": t * (1.5 if m == "vmap" else 1)}
-                                   for m in modes for k, t in ((1, t1), (2, t2))}
+  rounds = lambda t1, t2, mb, modes: {
+      f"{m}/K={k}": {"median_s": t * (1.5 if m == "vmap" else 1), "memory": memory(mb * k)}
+      for m in modes for k, t in ((1, t1), (2, t2))}
   results = {
       "jax": {"train": {"tokens_per_s": 200.0, "first_s": 5.0, "memory": memory(100.0)},
-              "rounds": {**rounds(1.0, 2.0, ("vmap", "sequential")), "memory": memory(300.0)},
+              "rounds": rounds(1.0, 2.0, 150.0, ("vmap", "sequential")),
               "generate": {"new_tokens_per_s": 90.0, "memory": memory(50.0)}},
       "torch_eager": {"train": {"tokens_per_s": 100.0, "first_s": 1.0, "memory": memory(200.0)},
-                      "rounds": {**rounds(2.5, 5.0, ("sequential",)), "memory": memory(150.0)},
+                      "rounds": rounds(2.5, 5.0, 75.0, ("sequential",)),
                       "generate": {"new_tokens_per_s": 30.0, "memory": memory(60.0)}},
       "torch_compile": {"train": {"tokens_per_s": 250.0, "first_s": 20.0, "memory": memory(200.0)},
-                        "rounds": {**rounds(2.0, 4.0, ("sequential",)), "memory": memory(150.0)}},
+                        "rounds": rounds(2.0, 4.0, 75.0, ("sequential",))},
   }
   return {"date": "today", "config": c, "results": results, "errors": {},
           "device": {"jax": {"platform": platform, "device_kind": "cpu"}},
@@ -143,17 +145,21 @@ def test_report_ratios_point_the_right_way_and_targets_are_checked():
   # Sequential JAX rounds (2.0 s) beat vmapped ones (3.0 s): the target uses the faster mode.
   assert doc["round_jax_mode"] == "sequential"
   assert doc["ratios"]["round_K2_torch_eager_over_jax"] == pytest.approx(2.5)
+  assert doc["ratios"]["round_K2_memory_torch_eager_over_jax"] == pytest.approx(0.5)
   assert doc["ratios"]["generate_jax_over_hf"] == pytest.approx(3.0)
   assert doc["utilisation"]["jax"]["fraction_of_measured_peak"] == pytest.approx(0.5)
   met = [t["met"] for t in doc["targets"]]
-  assert met == [True, False, True, True, False]
-  assert doc["targets"][1]["shortfall"] == pytest.approx(0.2)
+  assert met == [True, False, True, False, True, False]
+  assert doc["targets"][1]["shortfall"] == pytest.approx(1 - 0.8 / 1.5)
+  assert doc["targets"][3]["shortfall"] == pytest.approx(1 - 0.5 * 1.5)  # JAX at 2x, goal 1.5x
   table = report.markdown(doc)
   assert "| LoRA training, tokens/s | 200 | 100 | 250 | 2x | 0.8x |" in table
   # Lower-is-better rows invert: JAX's 1 s round against torch's 2.5 s is 2.5x in JAX's favour.
   assert "| round wall time K=1, s (JAX sequential clients) | 1 | 2.5 | 2 | 2.5x | 2x |" in table
+  assert "| round peak memory K=2, MB (JAX sequential clients) | 300 | 150 | 150 | 0.5x | 0.5x |" \
+      in table
   assert "| peak memory, MB (train) | 100 | 200 | 200 | 2x | 2x |" in table
-  assert "missed by 20%" in table and "missed by 17%" in table
+  assert "missed by 47%" in table and "missed by 25%" in table and "missed by 17%" in table
 
 
 def test_nominal_peak_needs_bf16_and_a_whole_device_name():

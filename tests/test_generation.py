@@ -192,9 +192,10 @@ def test_unrolled_layers_decode_the_same_tokens(sharp_model):
   np.testing.assert_array_equal(*outs)
 
 
-@pytest.mark.parametrize("length", [128, 384])
+@pytest.mark.parametrize("length", [128, 300, 384])
 def test_blocked_causal_attention_matches_dot_product_attention(length):
-  # 384 = three blocks, each over the keys up to its end; 128 = one block: the plain path.
+  # 384 = three blocks, each over the keys up to its end; 300 ends in a short block;
+  # 128 = one block: the plain path.
   B, H, kv, hd = 2, 6, 2, 16
   rng = np.random.default_rng(1)
   q = rng.normal(size=(B, length, H, hd)).astype(np.float32)
@@ -228,3 +229,27 @@ def test_row_budgets_stop_each_row_where_its_own_call_would(sharp_model):
   with pytest.raises(ValueError, match="row_budgets"):
     generation.generate(config, graphdef, params, adapters, jnp.asarray(tokens),
                         jnp.asarray(mask), max_new_tokens=4, row_budgets=[3, 9, 5])
+
+
+def test_a_prompt_fed_in_two_calls_through_the_cache_equals_one_full_forward(sharp_model):
+  # The second call attends over the first call's cache slots and its own tokens (left
+  # padding in row 1); a 300-token first call takes the blocked causal path.
+  config, graphdef, params, adapters = sharp_model
+  config = config.replace(max_position_embeddings=512)
+  graphdef, _ = llama.abstract_model(config)
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(3, config.vocab_size, (2, 340)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[1, :20] = 0
+  full, _ = llama.forward(graphdef, params, adapters, jnp.asarray(tokens),
+                          attention_mask=jnp.asarray(mask))
+  cache = llama.init_cache(config, 2, 352)
+  first, cache = llama.forward(graphdef, params, adapters, jnp.asarray(tokens[:, :300]),
+                               attention_mask=jnp.asarray(mask[:, :300]), cache=cache,
+                               fresh_cache=True)
+  second, cache = llama.forward(graphdef, params, adapters, jnp.asarray(tokens[:, 300:]),
+                                attention_mask=jnp.asarray(mask[:, 300:]), cache=cache)
+  got = np.concatenate([np.asarray(first), np.asarray(second)], axis=1)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], np.asarray(full)[real], rtol=1e-4, atol=1e-3)
+  assert int(cache["index"]) == 340 and np.asarray(cache["valid"]).sum() == 680 - 20

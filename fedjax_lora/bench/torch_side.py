@@ -82,7 +82,7 @@ def rounds(c, workdir, compile: bool) -> dict:
   cfg, fed, start = _federation(c, workdir, compile)
   out = {}
   before = memory.rss_mb()
-  for k in c.clients:
+  for k in sorted(c.clients):
     clients = workload.round_batches(c, cfg.vocab_size, k)
     counts = np.full(k, float(workload.client_round_tokens(c)))
 

@@ -4,8 +4,9 @@ Prompts are sorted by length and grouped into fixed-shape batches: the prompt le
 bucketed to a power of two and a short last batch is filled with copies of a real row
 (whose outputs are thrown away). Each row stops at its own new-token budget, passed as an
 array, so the compiled program depends only on the prompt bucket (and the number of
-adapters): on the five-site evaluation's test prompts that is 5 programs where grouping by
-(prompt bucket, power-of-two budget) made 12 (`launch.decode_compile --five_sites`).
+adapters), not on the budgets (`python -m launch.decode_shapes` counts the programs of a
+config). The price: every batch's KV cache has room for `max_new_tokens` and each step
+attends over all of it (masked), however short the batch's budgets.
 
 The answer copies the input text with tags added, so each prompt's budget is derived from
 its own input length (`new_tokens_factor` × input tokens + `new_tokens_margin`, capped at
@@ -61,7 +62,7 @@ class DecodeStats:
   warm_seconds: float = 0.0
   batches: int = 0
   hit_budget: int = 0           # answers cut by their token budget (no EOS)
-  shapes: set = dataclasses.field(default_factory=set)  # (batch, prompt len, budget, adapters)
+  shapes: set = dataclasses.field(default_factory=set)  # (batch, prompt len, cap, adapters)
 
   @property
   def tokens_per_second(self) -> float:
