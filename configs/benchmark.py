@@ -55,6 +55,7 @@ def get_config(shape: str = "small") -> ml_collections.ConfigDict:
   c.clients = {"tiny": (1, 2), "llama3_8b": (1, 2), "smollm2_135m": (1, 2, 4)}.get(
       shape, (1, 2, 4, 8))
   c.tasks = ("train", "rounds", "generate")   # which measurements to run
+  c.skip = ()   # worker specs not to run, e.g. ("torch_compile/rounds", "jax/rounds/vmap")
   # JAX client modes timed per round (config.mode's values; fedjax_lora/client_modes.py).
   # A (mode, K) whose estimated activations exceed most of the free memory is skipped
   # (bench/jax_side.py FIT_FRACTION).

@@ -40,12 +40,12 @@ _OUT = flags.DEFINE_string("out", str(REPO / "benchmarks" / "results"),
 _NAME = flags.DEFINE_string("name", None, "Result file stem (default: SHAPE_DEVICE).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: FRAMEWORK/TASK to run in this process.")
 _RESUME = flags.DEFINE_bool("resume", False, "Reuse the results of workers that finished in "
-                            "--workdir under the same config (frameworks, tasks and modes may "
-                            "differ; delete a worker's JSON there to run it again); the rest "
+                            "--workdir under the same config (frameworks, tasks, modes and "
+                            "skip may differ; delete a worker's JSON there to run it again); the rest "
                             "run.")
 
 TASKS = ("train", "rounds", "generate")
-SELECTION = ("frameworks", "tasks", "modes")  # config fields that only pick workers to run
+SELECTION = ("frameworks", "tasks", "modes", "skip")  # config fields that only pick workers
 CONFIG_FILE = "config.json"  # the resolved config, in the workdir, for the workers
 
 
@@ -155,7 +155,7 @@ def _worker_specs(c) -> list[str]:
         specs += [f"jax/rounds/{mode}" for mode in c.modes]
       else:
         specs.append(f"{framework}/{task}")
-  return specs
+  return [s for s in specs if s not in c.get("skip", ())]
 
 
 def _run_workers(c, workdir: Path):
@@ -196,7 +196,7 @@ def orchestrate(c, workdir: Path, out_dir: Path, name: str | None) -> dict:
     what = lambda cfg: {k: v for k, v in cfg.items() if k not in SELECTION}
     if what(json.loads((workdir / CONFIG_FILE).read_text())) != what(json.loads(resolved)):
       raise app.UsageError(f"--resume: {workdir / CONFIG_FILE} measured another config; use "
-                           "a new --workdir, or change only frameworks, tasks or modes")
+                           "a new --workdir, or change only frameworks, tasks, modes or skip")
   (workdir / CONFIG_FILE).write_text(resolved)
   setup, error = _spawn("jax/setup", workdir)
   if error:

@@ -187,6 +187,7 @@ def _notes(doc) -> list[str]:
   return [f"Memory: {kind}. A round's figure is its worker's running peak after that K (each "
           "JAX client mode runs in its own worker, K ascending)."
           + (f" Not run, for memory: {'; '.join(skipped)}." if skipped else "")
+          + (f" Not run (config.skip): {', '.join(c['skip'])}." if c.get("skip") else "")
           + f" Peak matmul ({c['peak_matmul_size']}^3, {c['dtype']}): JAX "
           f"{gflops(peaks.get('jax'))} GFLOP/s, torch {gflops(peaks.get('torch'))} GFLOP/s; "
           "the larger is the device peak used above."
