@@ -16,7 +16,7 @@ Every field can be overridden: `--config.repeats=5 --config.clients=1,2`
 
 import ml_collections
 
-_MODELS = {
+MODELS = {
     "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=192, num_layers=2,
                  num_heads=4, num_kv_heads=2, rope_theta=10000.0),
     "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
@@ -32,13 +32,13 @@ _MODELS = {
 
 
 def get_config(shape: str = "small") -> ml_collections.ConfigDict:
-  if shape not in _MODELS:
-    raise ValueError(f"unknown benchmark shape {shape!r}; expected one of {sorted(_MODELS)}")
+  if shape not in MODELS:
+    raise ValueError(f"unknown benchmark shape {shape!r}; expected one of {sorted(MODELS)}")
   cpu_sized = shape in ("tiny", "small", "smollm2_135m")
   c = ml_collections.ConfigDict()
   c.shape = shape
   c.model = ml_collections.ConfigDict(dict(
-      **{"tie_word_embeddings": False, **_MODELS[shape]}, remat="none", attention_impl=""))
+      **{"tie_word_embeddings": False, **MODELS[shape]}, remat="none", attention_impl=""))
   # Base weights and compute. Adapters and optimizer state are always float32.
   c.dtype = "float32" if cpu_sized else "bfloat16"
   # The paper's adapter: r=16, alpha=64 on all seven projections.

@@ -20,19 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from configs import benchmark as benchmark_config
 from models import generation, llama
 from models import lora as lora_lib
 from models.config import LlamaConfig
 
-_SHAPES = {
-    "smollm2_135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                         tie_word_embeddings=True),
-    # configs/benchmark.py's "small".
-    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_layers=8,
-                  num_heads=8, num_kv_heads=4),
-}
-_SHAPE = flags.DEFINE_enum("shape", "small", list(_SHAPES), "Model width and default depth.")
+# The benchmark's model shapes (configs/benchmark.py), one place for each.
+_SHAPES = benchmark_config.MODELS
+_SHAPE = flags.DEFINE_enum("shape", "small", ["small", "smollm2_135m"],
+                           "Model width and default depth (a configs/benchmark.py shape).")
 _LAYERS = flags.DEFINE_list("layers", None, "Depths to measure (default: the shape's).")
 _BATCH = flags.DEFINE_integer("batch_size", 4, "Rows decoded together.")
 _PROMPT = flags.DEFINE_integer("prompt_len", 256, "Prompt length (all tokens real).")
