@@ -27,6 +27,10 @@ class ClientMode:
   mode: str          # vmap | sequential | chunked
   chunk: int = 0     # clients per chunk (chunked only)
 
+  def in_flight(self, num_clients: int) -> int:
+    """Clients training at once (whose activations are alive together)."""
+    return {"vmap": num_clients, "chunked": self.chunk}.get(self.mode, 1)
+
   def describe(self) -> str:
     return f"chunked:{self.chunk}" if self.mode == "chunked" else self.mode
 

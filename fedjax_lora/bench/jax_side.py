@@ -81,8 +81,7 @@ def rounds(c, workdir, mode: str) -> dict:
   before = memory.rss_mb()
   for k in sorted(c.clients):
     clients, _ = client_modes.choose(mode, k, cfg, c.batch_size, c.seq_len, device)
-    in_flight = {"vmap": k, "chunked": clients.chunk}.get(clients.mode, 1)
-    need = in_flight * client_modes.activation_bytes(cfg, c.batch_size, c.seq_len)
+    need = clients.in_flight(k) * client_modes.activation_bytes(cfg, c.batch_size, c.seq_len)
     free = client_modes.free_device_bytes(device)
     if free is not None and device.platform == "cpu":
       # What this worker already holds from smaller K (XLA keeps its buffers) is reusable.
