@@ -154,6 +154,20 @@ def eval_config() -> ml_collections.ConfigDict:
       settings=("zero_shot", "single_site", "centralized", "federated", "new_site"),
       algorithms=("fedavg", "fedmedlora_plus"),
       max_examples_per_task=16,
+      # Settings "faulty" (each of fault_algorithms with config.faults-style fault_sites,
+      # e.g. "chia:label_flip") and "val_size" (fedmedlora_plus with each number of server
+      # validation records per site, under fault_sites' faults). single_site_scope: "own"
+      # scores each single-site model on its own site, "own_and_held_out" also on the
+      # external and new sites, "all" on every site.
+      fault_sites="", fault_algorithms=(), val_sizes=(), single_site_scope="own",
+      # Claim table: paired document bootstrap (replicates, seed); "comes close to" claims
+      # hold within close_margin F1 (0.05 = 5 points).
+      bootstrap_replicates=2000, bootstrap_seed=0, close_margin=0.05,
+      # Claim 9 (communication): besides this base, LoRA at comm_rank in comm_dtype_bytes
+      # against the full model for each named shape (LlamaConfig fields), by arithmetic;
+      # the first shape is checked against comm_paper_reduction (0: no check).
+      comm_shapes=ml_collections.ConfigDict(), comm_rank=16, comm_dtype_bytes=2,
+      comm_paper_reduction=0.0,
       # New-site adaptation: k training examples of the new site (-1: all), starting from
       # the federated adapter of `adapt_from` ("" = the first algorithm) or from scratch,
       # for `adapt_rounds` rounds of run.epochs (0: run.rounds, the federated budget).

@@ -132,3 +132,13 @@ def round_comm(uplink_per_client: Any, downlink: Any, present: Any, full_model_b
       "down_reduction": ratio(down_total, full),
       "reduction": ratio(up_total + down_total, 2 * full),
   }
+
+
+def adapter_traffic(config, spec, bytes_per_param: int) -> dict:
+  """What one site sends per round and direction under LoRA against full fine-tuning, by
+  arithmetic from the shapes (method.md §8): parameters, bytes and the reduction."""
+  from models import lora
+  adapter, full = lora.num_params(config, spec), config.num_params()
+  return {"adapter_params": adapter, "full_params": full, "bytes_per_param": bytes_per_param,
+          "adapter_bytes": adapter * bytes_per_param, "full_bytes": full * bytes_per_param,
+          "fraction": adapter / full, "reduction": 1.0 - adapter / full}

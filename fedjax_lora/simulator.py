@@ -468,6 +468,7 @@ class Federation:
     n = np.array([metrics["client_train_tokens"][i] for i in range(len(idx))]) * present
     losses = np.asarray(metrics["client_train_loss"])
     row["mean_train_loss"] = float((losses * n).sum() / max(n.sum(), 1.0))
+    row["train_tokens"] = int(n.sum())  # supervised tokens trained this round
     return row
 
   @staticmethod

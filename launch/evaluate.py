@@ -4,11 +4,16 @@ r"""The paper's evaluation settings in one run: train each baseline, generate, s
   python -m launch.evaluate --config=configs/evaluate_five_sites.py --workdir=DIR   # real sites
   python -m launch.evaluate --workdir=DIR --config.eval.settings=zero_shot,federated \
       --config.eval.algorithms=fedavg,fedmedlora_plus,fedsa_lora
+  python -m launch.evaluate --config=configs/evidence.py --workdir=DIR   # the claims matrix
 
-Writes workdir/results.json (every score: strict/lenient/per-type/seqeval, problem counts,
-sample outputs, generation throughput, per-round histories), workdir/results.md (rows =
-settings, columns = sites x strict/lenient F1) and per-round plots of every federated run
-under workdir/runs/<algorithm>/plots/.
+Writes workdir/results.json (every score: strict/lenient/per-type/seqeval, per-example
+counts, problem counts, sample outputs, generation throughput, per-round histories, the
+claim table with paired bootstrap intervals, communication), workdir/results.md (rows =
+settings, columns = sites x strict/lenient F1; claims; size and time per setting),
+workdir/plots/ (F1 per setting and site, per round, against k, against validation size)
+and per-round plots of every federated run under workdir/runs/<setting>/plots/.
+Resumable: each finished setting is saved at once, and rerunning the same command with the
+same workdir skips finished settings (a different config in that workdir is refused).
 """
 
 import sys

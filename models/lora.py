@@ -98,6 +98,12 @@ def projection_shape(config: LlamaConfig, target: str) -> tuple[int, int]:
   }[target]
 
 
+def num_params(config: LlamaConfig, spec: "LoraSpec") -> int:
+  """Adapter parameters: r (in + out) per adapted projection and layer (method.md §8)."""
+  layers = len(spec.layer_indices(config.num_layers))
+  return layers * sum(spec.rank * sum(projection_shape(config, t)) for t in spec.targets)
+
+
 def init_adapter(config: LlamaConfig, spec: LoraSpec, rng: jax.Array,
                  dtype=jnp.float32) -> LoraAdapter:
   """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a=sqrt(5))), B = 0."""

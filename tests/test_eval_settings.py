@@ -169,11 +169,12 @@ def test_end_to_end_report_has_every_setting(tmp_path):
   run = SettingsRun(tiny_eval_config(), tmp_path, log=QUIET)
   results = run.run()
   names = set(results["settings"])
+  train = ["discharge_summary", "narrative_hospital", "telegraphic_clinic"]
   assert {"zero_shot", "single_site", "centralized", "federated/fedavg",
           "new_site/from_federated/k=0", "new_site/from_federated/k=8",
-          "new_site/from_scratch/k=0", "new_site/from_scratch/k=8"} == names
-  assert set(results["seconds"]) == set(SETTINGS)
-  train = ["discharge_summary", "narrative_hospital", "telegraphic_clinic"]
+          "new_site/from_scratch/k=0", "new_site/from_scratch/k=8",
+          *(f"single_site/{s}" for s in train)} == names
+  assert set(results["seconds"]) == set(SETTINGS) - {"faulty", "val_size"}
   everywhere = set(train) | {"telegraphic_clinic_2", "discharge_summary_2"}
   for name in ("zero_shot", "centralized", "federated/fedavg"):
     assert set(results["settings"][name]["sites"]) == everywhere
@@ -195,10 +196,15 @@ def test_end_to_end_report_has_every_setting(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "## NER" in md and "## RE" in md
   for name in names:
-    assert md.count(f"| {name} |") == 2
+    # one row in the NER and RE tables, and one in the size table per trained/scored setting
+    assert md.count(f"| {name} |") == (2 if name == "single_site" else 3)
   assert "narrative_hospital S" in md and "discharge_summary_2 L" in md
-  history = results["runs"]["fedavg"]["history"]
+  history = results["runs"]["federated/fedavg"]["history"]
   assert len(history) == 2 and all(set(r["f1"]) == set(train) for r in history)
   for p in plots.PLOTS:
-    assert (tmp_path / "runs" / "fedavg" / "plots" / p).stat().st_size > 1000
+    assert (tmp_path / "runs" / "federated" / "fedavg" / "plots" / p).stat().st_size > 1000
+  # Each setting records what it trained and how long it took.
+  fed_row = results["settings"]["federated/fedavg"]
+  assert fed_row["training"]["example_passes"] > 0 and fed_row["seconds"] > 0
+  assert fed_row["training"]["supervised_tokens"] > 0
   assert results["generation"]["prompts"] > 0 and results["generation"]["tokens_per_second"] > 0

@@ -30,8 +30,7 @@ def matmul_params(cfg: LlamaConfig) -> int:
 
 
 def lora_params(cfg: LlamaConfig, spec: LoraSpec) -> int:
-  layers = len(spec.layer_indices(cfg.num_layers))
-  return layers * sum(spec.rank * sum(lora_lib.projection_shape(cfg, t)) for t in spec.targets)
+  return lora_lib.num_params(cfg, spec)
 
 
 def attention_forward(cfg: LlamaConfig, seq_len: int) -> float:

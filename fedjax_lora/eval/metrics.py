@@ -335,7 +335,9 @@ def score(examples_gold: Sequence[Any], predictions: Sequence[str],
 
   Returns a JSON-ready dict: `strict`, `lenient` (type-collapsed counts and P/R/F1),
   `per_type` {type: {strict, lenient}}, `seqeval` {collapsed, typed: {micro, per_type}},
-  `problems` and `skipped` counters, and sizes. With `return_aligned`, also `aligned`
+  `problems` and `skipped` counters, sizes, and `per_example` {strict, lenient: one
+  [tp, n_pred, n_gold] per example, type-collapsed} for paired bootstrap intervals
+  (`eval/bootstrap.py`). With `return_aligned`, also `aligned`
   (the per-example `Aligned` objects, not JSON).
   """
   if len(examples_gold) != len(predictions):
@@ -347,6 +349,7 @@ def score(examples_gold: Sequence[Any], predictions: Sequence[str],
   types: set[str] = set()
   y_true, y_pred, y_true_c, y_pred_c, aligned = [], [], [], [], []
   n_gold_tokens = n_pred_tokens = 0
+  per_example: dict[str, list[list[int]]] = {"strict": [], "lenient": []}
   for item, html in zip(examples_gold, predictions):
     text, spans, anchors = _gold_item(item)
     al = align_example(text, spans, html or "", labels, ignore_labels,
@@ -356,6 +359,8 @@ def score(examples_gold: Sequence[Any], predictions: Sequence[str],
         counts.add(f"{kind}/{key}", tp, n_pred, n_gold)
         if key != "*":
           types.add(key)
+        else:
+          per_example[kind].append([tp, n_pred, n_gold])
     problems.update(al.problems)
     skipped.update(al.skipped)
     n_gold_tokens += len(al.tokens)
@@ -377,6 +382,7 @@ def score(examples_gold: Sequence[Any], predictions: Sequence[str],
                        "lenient": counts.result(f"lenient/{t}")} for t in sorted(types)},
       "seqeval": {"collapsed": collapsed, "typed": typed},
       "problems": dict(sorted(problems.items())), "skipped": dict(sorted(skipped.items())),
+      "per_example": per_example,
   }
   if return_aligned:
     out["aligned"] = aligned

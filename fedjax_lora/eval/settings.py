@@ -1,17 +1,27 @@
 """The paper's experiment settings, trained and scored in one run (`launch.evaluate`).
 
-Settings (each a row of the report):
+Settings (each a row of the report; a setting's tag is its key in results.json):
 - `zero_shot`: the base model (an adapter with B = 0, which is exactly the base).
-- `single_site`: each training site trains alone with the federated budget (same rounds,
-  epochs, optimiser) and is scored on its own test split.
-- `centralized`: every training site's data pooled into one client (the upper reference).
 - `federated/<algorithm>`: a federated run of each algorithm in `eval.algorithms`, with
   the per-round evaluation hook and plots.
+- `faulty/<algorithm>`: the same with the faulty sites of `eval.fault_sites` (e.g. one
+  `label_flip` site), for each of `eval.fault_algorithms`; scored in-domain.
+- `val_size/<n>`: Fed-MedLoRA+ with n server validation records per site (with the
+  faults of `eval.fault_sites`), for each n of `eval.val_sizes`; scored in-domain (the n
+  of `run.val_examples_per_site` reuses `faulty/fedmedlora_plus`, the same run).
+- `single_site/<site>`: each training site trains alone with the federated budget (same
+  rounds, epochs, optimiser), scored on its own test split (`eval.single_site_scope`
+  "own"), also on the external and new sites ("own_and_held_out"), or on every site
+  ("all", for generalization to the other training sites); the `single_site` row
+  gathers each site's own model on its own test split.
+- `centralized`: every training site's data pooled into one client (the upper reference).
 - `new_site/<start>/k=<k>`: the new site (role `new_site`, held out of federated
   training) fine-tunes on its first k training examples, starting from the federated
   adapter (`from_federated`) or from a fresh one (`from_scratch`); k = 0 is no training.
 Training sites are scored on their test splits (in-domain); sites with role `external`
-(never trained on) and the new site on theirs (external validation).
+(never trained on) and the new site on theirs (external validation). Every setting is
+scored on the same test examples of a site, so comparisons are paired; `claims()` turns
+them into the claim table with bootstrap intervals (eval/claims.py).
 """
 
 from __future__ import annotations
@@ -19,24 +29,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
-from fedjax_lora import experiment, files
+from fedjax_lora import comm, experiment, files
 from fedjax_lora.data.encoding import SiteArrays
-from fedjax_lora.eval import plots, report
+from fedjax_lora.eval import bootstrap, plots, report
+from fedjax_lora.eval import claims as claims_lib
+from fedjax_lora.eval import summary_plots
+from fedjax_lora.eval.claims import CONTRADICTED, SUPPORTED
 from fedjax_lora.compile_meter import CompileMeter
 from fedjax_lora.eval.decoding import DecodeConfig, Decoder
-from fedjax_lora.eval.evaluator import aggregate_sites, eval_sets, evaluate_sets
+from fedjax_lora.eval.evaluator import TASK_NAMES, aggregate_sites, eval_sets, evaluate_sets
 from fedjax_lora.eval.hooks import hook_from_config, site_models
 from fedjax_lora.simulator import ConfigError, SiteData
 from models import lora
+from models.config import LlamaConfig
 
-SETTINGS = ("zero_shot", "single_site", "centralized", "federated", "new_site")
+SETTINGS = ("zero_shot", "single_site", "centralized", "federated", "faulty", "val_size",
+            "new_site")
+SINGLE_SITE_SCOPES = ("own", "own_and_held_out", "all")
 BASELINE_ALGORITHM = "fedavg"  # one client: FedAvg is plain local training
 
 
@@ -66,6 +85,25 @@ def check_eval_config(config) -> None:
   if ev.adapt_from and ev.adapt_from not in ev.algorithms:
     raise ConfigError(f"config.eval.adapt_from={ev.adapt_from!r} is not in config.eval."
                       f"algorithms={tuple(ev.algorithms)}")
+  if ev.single_site_scope not in SINGLE_SITE_SCOPES:
+    raise ConfigError(f"config.eval.single_site_scope must be one of {SINGLE_SITE_SCOPES}, "
+                      f"got {ev.single_site_scope!r}")
+  if any(int(n) < 1 for n in ev.val_sizes):
+    raise ConfigError(f"config.eval.val_sizes: use sizes >= 1, got {tuple(ev.val_sizes)}")
+  for setting, needs in (("faulty", ev.fault_algorithms), ("faulty", ev.fault_sites)):
+    if setting in ev.settings and not needs:
+      raise ConfigError("config.eval.settings has 'faulty' but config.eval.fault_sites or "
+                        "fault_algorithms is empty")
+  for alg in ev.fault_algorithms if "faulty" in ev.settings else ():
+    c = copy.deepcopy(config)
+    c.algorithm, c.faults.sites = alg, ev.fault_sites
+    experiment.check_config(c)  # names the faulty site or kind on failure
+  if ev.bootstrap_replicates < 1:
+    raise ConfigError(f"config.eval.bootstrap_replicates must be >= 1, got "
+                      f"{ev.bootstrap_replicates}")
+  if not 0 <= ev.close_margin < 1:
+    raise ConfigError(f"config.eval.close_margin is in F1 units (0.05 = 5 points), got "
+                      f"{ev.close_margin}")
   if ev.max_examples_per_task < 0 or ev.round_examples_per_task < 0:
     raise ConfigError("config.eval.max_examples_per_task and round_examples_per_task must "
                       "be >= 0 (0 = all / off)")
@@ -95,13 +133,21 @@ def pool(arrays: list[SiteArrays]) -> SiteArrays:
 
 
 class SettingsRun:
-  """Prepares data and the base model once, then trains and scores each setting."""
+  """Prepares data and the base model once, then trains and scores each setting.
+
+  Resumable: every finished setting is written to workdir/results.json at once (with the
+  global adapter of each federated run in workdir/adapters/, which later settings start
+  from), and a rerun with the same workdir and config skips what is done. A workdir holding
+  results of another config is refused, naming the fields that differ.
+  """
 
   def __init__(self, config, workdir: str | Path, log: Callable[[str], None] = print):
     check_eval_config(config)
     self.config, self.ev, self.log = config, config.eval, log
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
+    config_json = json.loads(config.to_json_best_effort())
+    previous = self._previous(config_json)
     self.data = experiment.prepare_data(config, self.workdir / "data", log)
     tok = self.data.tokenizer
     self.model = experiment.load_model(config, len(tok), self.workdir, tok, log)
@@ -121,16 +167,39 @@ class SettingsRun:
       raise ConfigError(f"sites {missing} have no test split to evaluate on (config.data."
                         "sites.<name>.test_split)")
     self.results: dict[str, Any] = {
-        "config": json.loads(config.to_json_best_effort()), "roles": roles,
-        "evaluated": {n: {t: {"scored": len(es.examples), "available": es.available}
+        "config": config_json, "roles": roles,
+        "evaluated": {n: {t: {"scored": len(es.examples), "available": es.available,
+                              "documents": [e.doc_id for e in es.examples]}
                           for t, es in by.items()} for n, by in self.sets.items()},
         "settings": {}, "seconds": {}, "runs": {}}
-    self.federated_params: dict[str, Any] = {}
+    if previous:
+      for key in ("settings", "seconds", "runs"):
+        self.results[key] = previous.get(key, {})
+      log(f"resuming {self.workdir / 'results.json'}: {len(self.results['settings'])} "
+          "settings already done are skipped")
+
+  def _previous(self, config_json: dict) -> dict | None:
+    """The results of an earlier run in this workdir, if its config is this one."""
+    path = self.workdir / "results.json"
+    if not path.is_file():
+      return None
+    try:
+      previous = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not readable JSON ({e.msg}, line {e.lineno}); move it away "
+                        "to start afresh") from None
+    old = previous.get("config", {})
+    differ = sorted(k for k in set(old) | set(config_json) if old.get(k) != config_json.get(k))
+    if differ:
+      raise ConfigError(f"{path} holds results of another config (fields {differ} differ); "
+                        "use a new --workdir, or the same config to resume")
+    return previous
 
   # ---- helpers -----------------------------------------------------------------------------
-  def _config(self, algorithm: str, **run):
+  def _config(self, algorithm: str, faults: str = "", **run):
     c = copy.deepcopy(self.config)
     c.algorithm = algorithm
+    c.faults.sites = faults
     for k, v in run.items():
       c.run[k] = v
     return c
@@ -147,19 +216,42 @@ class SettingsRun:
     if any(s.dev is None or not len(s.dev) for s in sites):
       config.run.val_examples_per_site = 0  # a site without dev: no server validation set
     model = self.model if base is None else (self.model[0], self.model[1], base)
+    t0 = time.perf_counter()
     fed = experiment.build(config, workdir, log=self.log, data=self.data, model=model,
                            sites=sites, hooks=hooks)
     if start is not None:
       fed.set_global(start)
     fed.run_rounds()
+    self._trained = training_summary(config, sites, fed.history, time.perf_counter() - t0)
     return fed
+
+  def _done(self, tag: str) -> bool:
+    if tag in self.results["settings"]:
+      self.log(f"== {tag}: done in an earlier run; skipped")
+      return True
+    self._trained = None
+    self._started = time.perf_counter()
+    return False
 
   def _score(self, name: str, base, adapters_for, sites: list[str]) -> dict:
     res = evaluate_sets(self.decoder, base, adapters_for, {s: self.sets[s] for s in sites},
                         label=name)
+    if self._trained:
+      res["training"] = self._trained
+    res["seconds"] = round(time.perf_counter() - self._started, 2)
     self.results["settings"][name] = res
-    self.log(report.summary_line(name, res))
+    self.log(report.summary_line(name, res) + f" ({res['seconds']:.0f} s)")
     self.save()
+    return res
+
+  def _reuse(self, tag: str, source: str, site: str) -> dict:
+    """`source`'s scores on `site` under the name `tag`: the same model on the same examples
+    (greedy decoding is deterministic), so decoding them again would only cost time."""
+    per_site = {site: self.results["settings"][source]["sites"][site]}
+    res = {"sites": per_site, "aggregate": aggregate_sites(per_site), "reused_from": source,
+           "seconds": 0.0}
+    self.results["settings"][tag] = res
+    self.log(report.summary_line(tag, res) + f" (the scores of {source})")
     return res
 
   def _zero_adapter(self):
@@ -168,26 +260,84 @@ class SettingsRun:
                          layers=tuple(lc.layers) or None)
     return [lora.init_adapter(self.model[0], spec, jax.random.key(0))]  # B = 0: the base
 
+  def _everywhere(self) -> list[str]:
+    return self.train + self.external + self.new_sites
+
+  def _federated(self, tag: str, alg: str, faults: str = "", hooks: bool = True,
+                 scored: list[str] | None = None, **run) -> None:
+    """One federated run of `alg` over the training sites, scored; its global adapter is
+    kept in workdir/adapters/<tag>.msgpack for the settings that start from it."""
+    if self._done(tag):
+      return
+    self.log(f"== {tag}: {alg}" + (f" with faults {faults}" if faults else ""))
+    run_dir = self.workdir / "runs" / tag
+    if run_dir.exists():
+      shutil.rmtree(run_dir)  # a run cut short: start it afresh
+    run_dir.mkdir(parents=True)
+    config = self._config(alg, faults, **run)
+    hook = [hook_from_config(config, self.data, self.decoder, self.train)] if hooks else []
+    fed = self._train(config, [self._site(n) for n in self.train], run_dir, hooks=hook)
+    self.results["runs"][tag] = {
+        "history": fed.history,
+        "plots": [str(p) for p in plots.plot_workdir(run_dir, tag)] if hooks else []}
+    if not fed.algorithm.merge_base:  # the stored adapter alone reproduces the model
+      save_adapter(self.workdir / "adapters" / f"{_file_name(tag)}.msgpack",
+                   fed.global_adapters()[0].params)
+    self._score(tag, fed.effective_base(), site_models(fed), scored or self._everywhere())
+
   # ---- settings ----------------------------------------------------------------------------
   def zero_shot(self):
+    if self._done("zero_shot"):
+      return
     zero = self._zero_adapter()
-    self._score("zero_shot", self.model[2], lambda s: zero,
-                self.train + self.external + self.new_sites)
+    self._score("zero_shot", self.model[2], lambda s: zero, self._everywhere())
+
+  def federated(self):
+    for alg in self.ev.algorithms:
+      self._federated(f"federated/{alg}", alg)
+
+  def faulty(self):
+    """Each of eval.fault_algorithms with the faulty sites of eval.fault_sites (in-domain)."""
+    for alg in self.ev.fault_algorithms:
+      self._federated(f"faulty/{alg}", alg, self.ev.fault_sites, hooks=False,
+                      scored=self.train)
+
+  def val_size(self):
+    """Fed-MedLoRA+ with n server validation records per site, for n in eval.val_sizes
+    (with eval.fault_sites' faults, where the weighting has something to do)."""
+    same = "faulty/fedmedlora_plus"  # the run with the config's own validation size
+    for n in self.ev.val_sizes:
+      tag = f"val_size/{int(n)}"
+      if (int(n) == self.config.run.val_examples_per_site and same in self.results["settings"]
+          and tag not in self.results["settings"]):
+        res = {**self.results["settings"][same], "reused_from": same, "seconds": 0.0}
+        self.results["settings"][tag] = res
+        self.log(report.summary_line(tag, res) + f" (the scores of {same})")
+        self.save()
+        continue
+      self._federated(tag, "fedmedlora_plus", self.ev.fault_sites, hooks=False,
+                      scored=self.train, val_examples_per_site=int(n))
 
   def single_site(self):
-    per_site = {}
+    held_out = self.external + self.new_sites
     for name in self.train:
-      self.log(f"== single_site: {name} trains alone")
+      tag = f"single_site/{name}"
+      if self._done(tag):
+        continue
+      scope = {"own": [name], "own_and_held_out": [name] + held_out,
+               "all": self._everywhere()}[self.ev.single_site_scope]
+      self.log(f"== {tag}: {name} trains alone")
       fed = self._train(self._config(BASELINE_ALGORITHM), [self._site(name)])
-      res = evaluate_sets(self.decoder, fed.effective_base(), site_models(fed),
-                          {name: self.sets[name]}, label=f"single_site {name}")
-      per_site[name] = res["sites"][name]
-    res = {"sites": per_site, "aggregate": aggregate_sites(per_site)}
-    self.results["settings"]["single_site"] = res
-    self.log(report.summary_line("single_site", res))
+      self._score(tag, fed.effective_base(), site_models(fed), scope)
+    # The table row: each site's own model on its own test split.
+    per_site = {n: self.results["settings"][f"single_site/{n}"]["sites"][n] for n in self.train}
+    self.results["settings"]["single_site"] = {"sites": per_site,
+                                               "aggregate": aggregate_sites(per_site)}
     self.save()
 
   def centralized(self):
+    if self._done("centralized"):
+      return
     self.log("== centralized: all training sites pooled into one client")
     arrays = [self.data.arrays[n] for n in self.train]
     devs = [a["dev"] for a in arrays if a.get("dev") is not None]
@@ -195,68 +345,58 @@ class SettingsRun:
                     pool(devs) if devs else None)
     fed = self._train(self._config(BASELINE_ALGORITHM), [site])
     self._score("centralized", fed.effective_base(), lambda s: fed.global_adapters(),
-                self.train + self.external + self.new_sites)
-
-  def federated(self):
-    for alg in self.ev.algorithms:
-      self.log(f"== federated: {alg}")
-      run_dir = self.workdir / "runs" / alg
-      if run_dir.exists():
-        import shutil
-        shutil.rmtree(run_dir)  # a rerun of launch.evaluate starts this run afresh
-      run_dir.mkdir(parents=True)
-      hook = hook_from_config(self.config, self.data, self.decoder, self.train)
-      fed = self._train(self._config(alg), [self._site(n) for n in self.train], run_dir,
-                        hooks=[hook])
-      self.results["runs"][alg] = {"history": fed.history,
-                                   "plots": [str(p) for p in plots.plot_workdir(run_dir, alg)]}
-      self._score(f"federated/{alg}", fed.effective_base(), site_models(fed),
-                  self.train + self.external + self.new_sites)
-      self.federated_params[alg] = (fed.global_adapters()[0].params, fed.effective_base())
+                self._everywhere())
 
   def new_site(self):
     if not self.new_sites:
       self.log("== new_site: no site has role 'new_site'; skipped")
       return
-    source = self.ev.adapt_from or (self.ev.algorithms[0] if self.ev.algorithms else "")
+    source = f"federated/{self.ev.adapt_from or (self.ev.algorithms[0] if self.ev.algorithms else '')}"
+    path = self.workdir / "adapters" / f"{_file_name(source)}.msgpack"
     starts = {"from_scratch": None}
-    if source in self.federated_params:
-      starts = {"from_federated": self.federated_params[source], **starts}
-    else:
-      self.log("== new_site: no federated adapter to start from (run the federated setting); "
-               "only from_scratch")
     zero = self._zero_adapter()
+    if path.is_file():
+      starts = {"from_federated": load_adapter(path, zero[0].params), **starts}
+    else:
+      self.log(f"== new_site: no federated adapter at {path} (run the federated setting of "
+               f"{source}; algorithms that merge into the base are not kept); only "
+               "from_scratch")
     rounds = self.ev.adapt_rounds or self.config.run.rounds
     for name in self.new_sites:
       available = len(self.data.arrays[name]["train"])
-      for start, state in starts.items():
-        params, base = state if state else (None, self.model[2])
+      for start, params in starts.items():
         for k in self.ev.adapt_k:
           k = int(k)
           rows = available if k < 0 or k > available else k
           tag = f"new_site/{start}/k={'all' if k < 0 else k}"
+          if self._done(tag):
+            continue
           if k > available:
             self.log(f"{tag}: only {available} training examples at {name}; using all")
-          if rows == 0:
+          same = "zero_shot" if params is None else source  # k = 0: that setting's model
+          if rows == 0 and name in self.results["settings"].get(same, {}).get("sites", {}):
+            res = self._reuse(tag, same, name)
+          elif rows == 0:
             adapters = zero if params is None else [lora.LoraAdapter(params, zero[0].spec)]
-            self._score(tag, base, lambda s, a=adapters: a, [name])
+            res = self._score(tag, self.model[2], lambda s, a=adapters: a, [name])
           else:
             self.log(f"== {tag}: {name} fine-tunes on {rows} examples")
             fed = self._train(self._config(BASELINE_ALGORITHM, rounds=rounds),
-                              [self._site(name, rows)], start=params,
-                              base=None if params is None else base)
-            self._score(tag, fed.effective_base(), lambda s, f=fed: f.global_adapters(), [name])
-          self.results["settings"][tag]["train_examples"] = rows
+                              [self._site(name, rows)], start=params)
+            res = self._score(tag, fed.effective_base(), lambda s, f=fed: f.global_adapters(),
+                              [name])
+          res["train_examples"] = rows
+          self.save()
 
   # ---- driver ------------------------------------------------------------------------------
   def run(self) -> dict:
-    order = [s for s in ("zero_shot", "federated", "single_site", "centralized", "new_site")
-             if s in self.ev.settings]
+    order = [s for s in ORDER if s in self.ev.settings]
     meter, start = CompileMeter(), time.perf_counter()
     for setting in order:
       t0 = time.perf_counter()
       getattr(self, setting)()
-      self.results["seconds"][setting] = round(time.perf_counter() - t0, 2)
+      self.results["seconds"][setting] = round(
+          self.results["seconds"].get(setting, 0.0) + time.perf_counter() - t0, 2)
     wall = time.perf_counter() - start
     self.results["compile"] = {"seconds": round(meter.seconds, 2),
                                "compilations": meter.compilations,
@@ -265,8 +405,63 @@ class SettingsRun:
     self.log(f"compiling took {meter.seconds:.1f} s of {wall:.1f} s "
              f"({100 * meter.seconds / max(wall, 1e-9):.1f}%, {meter.compilations} programs)")
     self.results["generation"] = self.decoder.total.to_dict()
+    self.results["claims"] = self.claims()
+    self.results["communication"] = self.communication()
+    self.results["plots"] = [str(p) for p in summary_plots.write_summary_plots(
+        self.results, self.train, self.external, self.new_sites, self.workdir / "plots")]
     self.save()
     return self.results
+
+  def communication(self) -> dict:
+    """Claim 9: one site's adapter against the full model per round and direction, for this
+    base (float32 adapters, as sent here) and, by arithmetic, for eval.comm_shapes at rank
+    eval.comm_rank in eval.comm_dtype_bytes bytes; plus the bytes measured in the first
+    federated run."""
+    lc, ev = self.config.lora, self.ev
+    spec = lora.LoraSpec(rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
+                         layers=tuple(lc.layers) or None)
+    arithmetic = {"this base": {**comm.adapter_traffic(self.model[0], spec, 4),
+                                "lora": f"r={lc.rank}, {lc.targets}, float32"}}
+    wide = lora.LoraSpec(rank=ev.comm_rank, alpha=2.0 * ev.comm_rank, targets=lc.targets)
+    for name, shape in ev.comm_shapes.items():
+      cfg = LlamaConfig(**dict(shape))
+      arithmetic[name] = {**comm.adapter_traffic(cfg, wide, ev.comm_dtype_bytes),
+                          "lora": f"r={ev.comm_rank}, {lc.targets}, {ev.comm_dtype_bytes} bytes"}
+    out: dict[str, Any] = {"arithmetic": arithmetic}
+    for tag, run in self.results["runs"].items():
+      rows = [r for r in run.get("history", []) if r.get("comm", {}).get("present_clients")]
+      if rows:
+        c = rows[0]["comm"]
+        out["measured"] = {"setting": tag,
+                           "up_bytes": c["total_up_bytes"] // c["present_clients"],
+                           "down_bytes": c["total_down_bytes"] // c["present_clients"]}
+        break
+    if ev.comm_shapes and ev.comm_paper_reduction:
+      name = next(iter(ev.comm_shapes))
+      got, paper = arithmetic[name]["reduction"], ev.comm_paper_reduction
+      out.update(paper=f"{100 * paper:.1f}% reduction", verdict=SUPPORTED if got >= paper
+                 else CONTRADICTED,
+                 why=f"{name}: {100 * got:.2f}% by arithmetic against the paper's "
+                     f"{100 * paper:.1f}%")
+    return out
+
+  def claims(self) -> list[dict]:
+    """The claim table (eval/claims.py) over whatever settings this run has, per task."""
+    k_tags = ["all" if int(k) < 0 else str(int(k)) for k in self.ev.adapt_k]
+    table = claims_lib.paper_claims(self.train, self.external, self.new_sites,
+                                    adapt_k=k_tags, val_sizes=[int(n) for n in self.ev.val_sizes],
+                                    close_margin=self.ev.close_margin)
+    rows = []
+    for task in TASK_NAMES:
+      groups = {s: by[task]["documents"] for s, by in self.results["evaluated"].items()
+                if task in by}
+      if not groups:
+        continue
+      resampler = bootstrap.Resampler(groups, self.ev.bootstrap_replicates,
+                                      self.ev.bootstrap_seed)
+      rows += [{"task": task, **row} for row in
+               claims_lib.evaluate(table, self.results["settings"], resampler, task=task)]
+    return rows
 
   def save(self) -> None:
     """results.json and results.md, rewritten after every setting (a crash keeps them)."""
@@ -274,6 +469,43 @@ class SettingsRun:
                        json.dumps(self.results, indent=1, default=_json_default))
     (self.workdir / "results.md").write_text(
         report.markdown(self.results, self.train, self.external, self.new_sites))
+
+
+# The claims' main comparisons first, so a run stopped early has the most to show.
+ORDER = ("zero_shot", "federated", "single_site", "centralized", "faulty", "new_site",
+         "val_size")
+
+
+def training_summary(config, sites: list[SiteData], history: list[dict], seconds: float
+                     ) -> dict[str, Any]:
+  """What one setting trained: examples and tokens (real and padded) over all its rounds."""
+  passes = config.run.rounds * config.run.epochs
+  rows = sum(len(s.train) for s in sites)
+  return {"rounds": config.run.rounds, "epochs": config.run.epochs,
+          "examples_per_pass": rows, "example_passes": rows * passes,
+          "tokens": int(sum(s.train.attention_mask.sum() for s in sites)) * passes,
+          "padded_tokens": sum(s.train.tokens.size for s in sites) * passes,
+          "supervised_tokens": int(sum(row.get("train_tokens", 0) for row in history)),
+          "seconds": round(seconds, 2)}
+
+
+def _file_name(tag: str) -> str:
+  return tag.replace("/", "__").replace("=", "_")
+
+
+def save_adapter(path: Path, params) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  files.write_atomic(path, serialization.msgpack_serialize(jax.device_get(params)))
+
+
+def load_adapter(path: Path, like):
+  """Adapter params saved by `save_adapter`, checked against the structure of `like`."""
+  try:
+    restored = serialization.from_bytes(jax.device_get(like), path.read_bytes())
+  except Exception as e:  # msgpack or structure mismatch: name the file
+    raise ConfigError(f"{path}: not an adapter of this config ({e}); delete it and rerun "
+                      "the federated setting") from None
+  return jax.tree.map(jnp.asarray, restored)
 
 
 def _json_default(x):
