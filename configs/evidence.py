@@ -67,7 +67,7 @@ def get_config(scale: str = "cpu") -> ml_collections.ConfigDict:
       algorithms=("fedavg", "fedmedlora_plus", "dual_lora"),
       fault_sites="chia:label_flip", fault_algorithms=("fedavg", "fedmedlora_plus"),
       val_sizes=(1, 5, 10, 20),
-      single_site_scope="own_and_held_out",
+      single_site_scope="all",             # every site: claim 6 compares on the others
       adapt_k=(0, 10, 50, -1), adapt_from="fedavg", adapt_rounds=sizes["adapt_rounds"],
       max_examples_per_task=sizes["test_examples"], round_examples_per_task=4,
       batch_size=16, max_new_tokens=192,

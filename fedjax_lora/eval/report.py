@@ -112,14 +112,22 @@ def claims_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
            "inconclusive = it crosses it (margin 0 unless stated).", "",
            "| claim | task | comparison | paper | ours: strict Δ [95% CI] | lenient Δ [95% CI] "
            "| verdict |", "|---|---|---|---|---:|---:|---|"]
+  missing = [r for r in rows if r["verdict"] == "not run"]
   for r in rows:
+    if r["verdict"] == "not run":
+      continue
     comparison = r["comparison"] + (f" (margin {r['margin_points']:.0f} points)"
                                     if r.get("margin_points") else "") + \
         (" (two-sided)" if r.get("two_sided") else "")
-    verdict = r["verdict"] + (f" ({r['missing']} missing)" if r.get("missing") else "")
     task = TASK_TITLES.get(r.get("task", "ner"), r.get("task", ""))
     lines.append(f"| {r['claim']} | {task} | {comparison} | {r['paper']} | "
-                 f"{_ci(r, 'strict')} | {_ci(r, 'lenient')} | **{verdict}** |")
+                 f"{_ci(r, 'strict')} | {_ci(r, 'lenient')} | **{r['verdict']}** |")
+  if missing:
+    first: dict[tuple[str, str], str] = {}
+    for r in missing:  # one line per claim and task: the first score it lacks
+      first.setdefault((TASK_TITLES.get(r.get("task", "ner"), ""), r["claim"]), r["missing"])
+    lines += ["", "Not run (this run lacks a setting they compare): " + "; ".join(
+        f"claim {claim} {task} ({what})" for (task, claim), what in first.items()) + "."]
   return lines + [""]
 
 

@@ -35,8 +35,16 @@ def f1_by_setting(settings: Mapping[str, Mapping], sites: Sequence[str], path: P
   sites = [s for s in sites if any(_f1(settings[n], s, "strict") is not None for n in names)]
   if not sites:
     return None
-  plt, fig, axes = _axes(len(sites))
-  fig.set_size_inches(4.2 * len(sites), 0.32 * len(names) + 1.6)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  cols = min(3, len(sites))
+  rows_ = -(-len(sites) // cols)
+  fig, grid = plt.subplots(rows_, cols, squeeze=False,
+                           figsize=(5.2 * cols, rows_ * (0.3 * len(names) + 1.4)))
+  axes = grid.reshape(-1)
+  for ax in axes[len(sites):]:
+    ax.set_visible(False)
   for ax, site in zip(axes, sites):
     rows = [(n, _f1(settings[n], site, "strict"), _f1(settings[n], site, "lenient"))
             for n in names]
