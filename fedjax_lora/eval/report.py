@@ -50,8 +50,8 @@ def markdown(results: Mapping[str, Any], train: Sequence[str], external: Sequenc
            "F1 in percent, type-collapsed, micro-averaged per test set (method.md §7); "
            "S = strict (exact boundaries), L = lenient (overlap). — = not evaluated "
            "(each setting is scored on the sites its comparisons need; the single_site row is "
-           "each site's own model on its own test split). Per-type and seqeval scores, problem counts and sample outputs are "
-           "in results.json.", ""]
+           "each site's own model on its own test split). Per-type and seqeval scores, "
+           "problem counts and sample outputs are in results.json.", ""]
   evaluated = results.get("evaluated", {})
   sizes = ", ".join(f"{s} ({role[s]}): " + ", ".join(
       f"{t} {v['scored']}/{v['available']}" for t, v in evaluated.get(s, {}).items())

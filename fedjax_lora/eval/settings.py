@@ -90,10 +90,9 @@ def check_eval_config(config) -> None:
                       f"got {ev.single_site_scope!r}")
   if any(int(n) < 1 for n in ev.val_sizes):
     raise ConfigError(f"config.eval.val_sizes: use sizes >= 1, got {tuple(ev.val_sizes)}")
-  for setting, needs in (("faulty", ev.fault_algorithms), ("faulty", ev.fault_sites)):
-    if setting in ev.settings and not needs:
-      raise ConfigError("config.eval.settings has 'faulty' but config.eval.fault_sites or "
-                        "fault_algorithms is empty")
+  if "faulty" in ev.settings and not (ev.fault_sites and ev.fault_algorithms):
+    raise ConfigError("config.eval.settings has 'faulty' but config.eval.fault_sites or "
+                      "fault_algorithms is empty")
   for alg in ev.fault_algorithms if "faulty" in ev.settings else ():
     c = copy.deepcopy(config)
     c.algorithm, c.faults.sites = alg, ev.fault_sites
@@ -210,14 +209,12 @@ class SettingsRun:
     return SiteData(name, train, arrays.get("dev"))
 
   def _train(self, config, sites: list[SiteData], workdir: Path | None = None, hooks=(),
-             start=None, base=None):
-    """Trains `sites` under `config`; `start` replaces the initial global adapter and
-    `base` the base weights (FLoRA's merged base, to continue from its federated model)."""
+             start=None):
+    """Trains `sites` under `config`; `start` replaces the initial global adapter."""
     if any(s.dev is None or not len(s.dev) for s in sites):
       config.run.val_examples_per_site = 0  # a site without dev: no server validation set
-    model = self.model if base is None else (self.model[0], self.model[1], base)
     t0 = time.perf_counter()
-    fed = experiment.build(config, workdir, log=self.log, data=self.data, model=model,
+    fed = experiment.build(config, workdir, log=self.log, data=self.data, model=self.model,
                            sites=sites, hooks=hooks)
     if start is not None:
       fed.set_global(start)
@@ -226,6 +223,7 @@ class SettingsRun:
     return fed
 
   def _done(self, tag: str) -> bool:
+    """True (and says so) when an earlier run finished `tag`; otherwise starts its clock."""
     if tag in self.results["settings"]:
       self.log(f"== {tag}: done in an earlier run; skipped")
       return True
@@ -351,7 +349,8 @@ class SettingsRun:
     if not self.new_sites:
       self.log("== new_site: no site has role 'new_site'; skipped")
       return
-    source = f"federated/{self.ev.adapt_from or (self.ev.algorithms[0] if self.ev.algorithms else '')}"
+    source = "federated/" + (self.ev.adapt_from or
+                             (self.ev.algorithms[0] if self.ev.algorithms else ""))
     path = self.workdir / "adapters" / f"{_file_name(source)}.msgpack"
     starts = {"from_scratch": None}
     zero = self._zero_adapter()
