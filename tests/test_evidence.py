@@ -94,6 +94,11 @@ def _scores(f1_of_site: dict[str, float], n: int = 120) -> dict:
   return {"sites": sites}
 
 
+def verdict_of(rows, claim: str, start: str) -> str:
+  return next(r["verdict"] for r in rows
+              if r["claim"] == claim and r["comparison"].startswith(start))
+
+
 def test_claim_table_marks_made_up_scores():
   train, external, new = ["a", "b"], ["ext"], ["new"]
   everywhere = train + external + new
@@ -108,9 +113,7 @@ def test_claim_table_marks_made_up_scores():
   rs = bootstrap.Resampler({s: [f"{s}{i}" for i in range(120)] for s in everywhere},
                            replicates=500)
   rows = claims.evaluate(claims.paper_claims(train, external, new), settings, rs)
-  by = {(r["claim"], r["comparison"][:28]): r for r in rows}
-  verdict = lambda claim, start: next(r["verdict"] for r in rows
-                                      if r["claim"] == claim and r["comparison"].startswith(start))
+  verdict = lambda claim, start: verdict_of(rows, claim, start)
   assert verdict("1", "FedAvg − zero-shot") == claims.SUPPORTED
   assert verdict("2", "FedAvg − each site's own") == claims.CONTRADICTED
   assert verdict("2", "FedAvg − single-site models, held") == claims.SUPPORTED
@@ -120,7 +123,34 @@ def test_claim_table_marks_made_up_scores():
   assert verdict("7", "Med-DualLoRA") == claims.NOT_RUN
   one = next(r for r in rows if r["claim"] == "1")
   assert one["strict"]["value"] == pytest.approx(50.0)              # F1 points
-  assert by  # every row has a claim id and a comparison
+
+
+def test_claims_over_no_sites_are_not_run_rather_than_crashing():
+  # One training site and no held-out or new site: nothing to average for claims 2b, 5, 6b.
+  settings = {"zero_shot": _scores({"a": 0.1}), "federated/fedavg": _scores({"a": 0.5}),
+              "single_site/a": _scores({"a": 0.4})}
+  rs = bootstrap.Resampler({"a": [f"a{i}" for i in range(120)]}, replicates=100)
+  rows = claims.evaluate(claims.paper_claims(["a"], [], [], adapt_k=["0", "10"]), settings, rs)
+  assert verdict_of(rows, "1", "FedAvg − zero-shot") == claims.SUPPORTED
+  assert {r["verdict"] for r in rows if r["claim"] == "5"} == {claims.NOT_RUN}
+  assert verdict_of(rows, "2", "FedAvg − single-site models, held") == claims.NOT_RUN
+  assert verdict_of(rows, "6", "each training site") == claims.NOT_RUN
+
+
+def test_a_notes_sentences_share_one_resampling_group():
+  from configs import data_synthetic
+  from fedjax_lora.data import sites as sites_lib
+  config = data_synthetic.get_config()
+  for site in config.sites.values():
+    site.unit, site.pack = "sentence", False
+  examples = [e for s in sites_lib.build_sites(config).sites.values()
+              for e in s.examples["test"]]
+  windowed = [e for e in examples if "#" in e.doc_id.split("@")[0]]
+  assert windowed, "sentence windows carry '#<i>' ids"
+  for e in windowed:
+    assert e.document == e.doc_id.split("@")[0].split("#")[0]
+  groups = {e.document for e in examples}
+  assert len(groups) < len({e.doc_id for e in examples})
 
 
 def test_communication_arithmetic_matches_the_method_note():
@@ -146,6 +176,10 @@ def test_evidence_config_validates_and_names_bad_fields():
   c = evidence.get_config()
   c.eval.fault_sites = "nowhere:label_flip"
   with pytest.raises(ConfigError, match="nowhere"):
+    check_eval_config(c)
+  c = evidence.get_config()
+  c.data.sites.ncbi_disease.role = "new_site"
+  with pytest.raises(ConfigError, match="adapts one held-out site"):
     check_eval_config(c)
 
 
@@ -201,4 +235,9 @@ def test_a_killed_run_resumes_skipping_finished_settings_with_identical_numbers(
     c = _resume_config()
     c.run.rounds = 3
     SettingsRun(c, workdir, log=QUIET)
+  # Fields that only summarise (the bootstrap) may change: the claims are recomputed.
+  c = _resume_config(bootstrap_replicates=300, bootstrap_seed=1)
+  again = SettingsRun(c, workdir, log=QUIET).run()
+  assert _scores_of(again) == _scores_of(fresh)
+  assert again["config"]["eval"]["bootstrap_replicates"] == 300
   assert os.path.getsize(workdir / "plots" / "f1_by_setting.png") > 1000

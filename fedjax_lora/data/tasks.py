@@ -68,6 +68,14 @@ class Example:
   text: str        # the plain input text
   spans: tuple[Span, ...]
   anchors: tuple[Span, ...] = ()  # RE: the marked head entity (not scored)
+  # The source document the window came from (PHEE: its abstract's PMID), so that a
+  # bootstrap can draw a note's sentences together; "" = doc_id.
+  document: str = ""
+
+
+def source_document(doc: Document) -> str:
+  """The note a window was cut from: PHEE's PMID, else the window's parent document."""
+  return str(doc.meta.get("pmid") or doc.meta.get("parent") or doc.id)
 
 
 @dataclasses.dataclass
@@ -153,7 +161,8 @@ def ner_examples(source: str, doc: Document, spans: Mapping[str, Span], labels: 
     report.add("window without mentions not sampled (empty_fraction)")
     return []
   return [Example(source, "ner", doc.id, ner_prompt(doc.text, labels, spec),
-                  render(doc.text, kept), doc.text, tuple(kept))]
+                  render(doc.text, kept), doc.text, tuple(kept),
+                  document=source_document(doc))]
 
 
 def _closed_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -237,7 +246,7 @@ def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
     prompt = re_prompt(render(doc.text, anchors), entity_labels, relation_labels, spec)
     examples.append(Example(source, "re", f"{doc.id}@{key}", prompt,
                             render(doc.text, sorted([*anchors, *kept])), doc.text, tuple(kept),
-                            tuple(anchors)))
+                            tuple(anchors), document=source_document(doc)))
   return examples
 
 

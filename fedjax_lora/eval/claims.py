@@ -57,7 +57,14 @@ class Table:
 
   def mean(self, setting: str, sites: Sequence[str]) -> np.ndarray:
     """Macro F1: the mean over `sites` (each hospital counts once)."""
-    return np.mean([self(setting, s) for s in sites], axis=0)
+    return _mean([self(setting, s) for s in sites], f"{setting} on no sites")
+
+
+def _mean(values: list, what: str) -> np.ndarray:
+  """Elementwise mean of replicate arrays; a comparison over nothing is not run."""
+  if not values:
+    raise Missing(what)
+  return np.mean(values, axis=0)
 
 
 Statistic = Callable[[Table], np.ndarray]  # F1 points x 100 not applied: fractions
@@ -132,16 +139,19 @@ def paper_claims(train: Sequence[str], external: Sequence[str], new_sites: Seque
   fed_in = lambda t: t.mean(fed, train)
 
   def single_in(t):     # each site's own model on its own test split
-    return np.mean([t(single(s), s) for s in train], axis=0)
+    return _mean([t(single(s), s) for s in train], "no training sites")
 
   def single_held_out(t):   # every single-site model on every held-out site
-    return np.mean([t.mean(single(s), held_out) for s in train], axis=0)
+    return _mean([t.mean(single(s), held_out) for s in train], "no training sites")
 
   def worst(values):
+    if not values:
+      raise Missing("no sites")
     return np.min(np.stack(values), axis=0)
 
   def single_other(t):  # each single-site model on the other training sites
-    return np.mean([t(single(i), j) for i in train for j in train if j != i], axis=0)
+    return _mean([t(single(i), j) for i in train for j in train if j != i],
+                 "one training site: no other sites")
 
   claims = [
       Claim("1", "Federated LoRA (Fed-MedLoRA, token-weighted FedAvg) improves strongly on "
@@ -179,10 +189,11 @@ def paper_claims(train: Sequence[str], external: Sequence[str], new_sites: Seque
             (Comparison("worst training site: FedAvg − single-site models",
                         _diff(lambda t: worst([t(fed, s) for s in train]),
                               lambda t: worst([t(single(s), s) for s in train]))),
-             Comparison("other training sites: FedAvg − single-site models (mean over "
-                        "model × other site)",
-                        _diff(lambda t: np.mean([t(fed, j) for i in train for j in train
-                                                 if j != i], axis=0), single_other)))),
+             Comparison("each training site: FedAvg − the other sites' single-site models "
+                        "(mean over model × other site)",
+                        _diff(lambda t: _mean([t(fed, j) for i in train for j in train
+                                               if j != i], "one training site"),
+                              single_other)))),
       Claim("7", "Med-DualLoRA (global + private local adapter) gives each site at least "
             "FedAvg's in-domain F1", "personalization ≥ FedAvg in-domain (Med-DualLoRA)",
             (Comparison("Med-DualLoRA (site's own model) − FedAvg, in-domain",

@@ -93,10 +93,16 @@ def check_eval_config(config) -> None:
   if "faulty" in ev.settings and not (ev.fault_sites and ev.fault_algorithms):
     raise ConfigError("config.eval.settings has 'faulty' but config.eval.fault_sites or "
                       "fault_algorithms is empty")
-  for alg in ev.fault_algorithms if "faulty" in ev.settings else ():
+  checked = list(ev.fault_algorithms) if "faulty" in ev.settings else []
+  checked += ["fedmedlora_plus"] if "val_size" in ev.settings and ev.val_sizes else []
+  for alg in checked:
     c = copy.deepcopy(config)
     c.algorithm, c.faults.sites = alg, ev.fault_sites
     experiment.check_config(c)  # names the faulty site or kind on failure
+  new_sites = [n for n, site in config.data.sites.items() if site.get("role") == "new_site"]
+  if "new_site" in ev.settings and len(new_sites) > 1:
+    raise ConfigError(f"config.data.sites: {new_sites} all have role 'new_site'; the new_site "
+                      "setting adapts one held-out site (give the others role 'external')")
   if ev.bootstrap_replicates < 1:
     raise ConfigError(f"config.eval.bootstrap_replicates must be >= 1, got "
                       f"{ev.bootstrap_replicates}")
@@ -143,6 +149,7 @@ class SettingsRun:
   def __init__(self, config, workdir: str | Path, log: Callable[[str], None] = print):
     check_eval_config(config)
     self.config, self.ev, self.log = config, config.eval, log
+    self._trained, self._started = None, time.perf_counter()  # the setting being run
     self.workdir = Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     config_json = json.loads(config.to_json_best_effort())
@@ -168,7 +175,7 @@ class SettingsRun:
     self.results: dict[str, Any] = {
         "config": config_json, "roles": roles,
         "evaluated": {n: {t: {"scored": len(es.examples), "available": es.available,
-                              "documents": [e.doc_id for e in es.examples]}
+                              "documents": [e.document or e.doc_id for e in es.examples]}
                           for t, es in by.items()} for n, by in self.sets.items()},
         "settings": {}, "seconds": {}, "runs": {}}
     if previous:
@@ -187,8 +194,8 @@ class SettingsRun:
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}: not readable JSON ({e.msg}, line {e.lineno}); move it away "
                         "to start afresh") from None
-    old = previous.get("config", {})
-    differ = sorted(k for k in set(old) | set(config_json) if old.get(k) != config_json.get(k))
+    old, new = (_trained_part(c) for c in (previous.get("config", {}), config_json))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if differ:
       raise ConfigError(f"{path} holds results of another config (fields {differ} differ); "
                         "use a new --workdir, or the same config to resume")
@@ -475,15 +482,30 @@ ORDER = ("zero_shot", "federated", "single_site", "centralized", "faulty", "new_
          "val_size")
 
 
+# Fields that only change how finished settings are summarised: a rerun may change them.
+REPORT_ONLY = ("bootstrap_replicates", "bootstrap_seed", "close_margin", "comm_shapes",
+               "comm_rank", "comm_dtype_bytes", "comm_paper_reduction")
+
+
+def _trained_part(config_json: dict) -> dict:
+  """The config without REPORT_ONLY eval fields: what decides the trained settings."""
+  ev = {k: v for k, v in config_json.get("eval", {}).items() if k not in REPORT_ONLY}
+  return {**config_json, "eval": ev}
+
+
 def training_summary(config, sites: list[SiteData], history: list[dict], seconds: float
                      ) -> dict[str, Any]:
-  """What one setting trained: examples and tokens (real and padded) over all its rounds."""
-  passes = config.run.rounds * config.run.epochs
-  rows = sum(len(s.train) for s in sites)
-  return {"rounds": config.run.rounds, "epochs": config.run.epochs,
-          "examples_per_pass": rows, "example_passes": rows * passes,
-          "tokens": int(sum(s.train.attention_mask.sum() for s in sites)) * passes,
-          "padded_tokens": sum(s.train.tokens.size for s in sites) * passes,
+  """What one setting trained over all its rounds: examples and tokens (real and padded) of
+  the sites present in each round (from the run's history), times the epochs."""
+  by_name = {s.name: s.train for s in sites}
+  trained = [by_name[n] for row in history
+             for n, present in zip(row["clients"], row["present"]) if present]
+  epochs = config.run.epochs
+  return {"rounds": config.run.rounds, "epochs": epochs,
+          "examples_per_pass": sum(len(a) for a in by_name.values()),
+          "example_passes": sum(len(a) for a in trained) * epochs,
+          "tokens": int(sum(a.attention_mask.sum() for a in trained)) * epochs,
+          "padded_tokens": sum(a.tokens.size for a in trained) * epochs,
           "supervised_tokens": int(sum(row.get("train_tokens", 0) for row in history)),
           "seconds": round(seconds, 2)}
 
