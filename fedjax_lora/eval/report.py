@@ -153,6 +153,9 @@ def communication_markdown(comm: Mapping[str, Any]) -> list[str]:
 def sizes_markdown(settings: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """What each setting trained and how long it took (training + scoring)."""
   lines = ["## Size and time per setting", "",
+           "Tokens over all rounds and epochs of the sites present (padded: as computed, at "
+           "the padded length). Training s: building and running the rounds, including the "
+           "per-round F1 hook where it is on; total s adds the final scoring.", "",
            "| setting | rounds × epochs | examples per pass | real tokens trained | padded "
            "tokens | supervised tokens | training s | total s |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
