@@ -6,8 +6,8 @@ grouped as `fedjax_lora.eval.decoding.Decoder` groups them.
 
 Prints, for the evaluated examples (config.eval.max_examples_per_task per site and task)
 and for whole test splits: prompts, distinct programs now (one per power-of-two prompt
-length, every row stopping at its own budget), and as grouped before per-row budgets (one
-per prompt bucket and power-of-two budget), per adapter count.
+length and batch shape, every row stopping at its own budget), and as grouped before
+per-row budgets (one per prompt bucket and power-of-two budget), per adapter count.
 """
 
 from __future__ import annotations
@@ -36,13 +36,19 @@ def budget_bucket(n_input_tokens: int, cfg: decoding.DecodeConfig) -> int:
   return min(cfg.max_new_tokens, generation.bucket_length(want, minimum=cfg.min_new_tokens))
 
 
-def count(examples, renderer, tokenizer, cfg) -> dict:
-  prompts = renderer.prompt_ids([e.prompt for e in examples])
-  inputs = [len(x) for x in tokenizer([e.text for e in examples],
-                                      add_special_tokens=False)["input_ids"]]
-  now = {decoding.prompt_bucket(len(p)) for p in prompts}
-  before = {(decoding.prompt_bucket(len(p)), budget_bucket(n, cfg))
-            for p, n in zip(prompts, inputs)}
+def count(example_sets, renderer, tokenizer, cfg) -> dict:
+  """Programs over the Decoder calls of an evaluation: one call per site and task."""
+  now, before, prompts = set(), set(), []
+  for examples in example_sets:
+    ids = renderer.prompt_ids([e.prompt for e in examples])
+    inputs = [len(x) for x in tokenizer([e.text for e in examples],
+                                        add_special_tokens=False)["input_ids"]]
+    per_bucket = collections.Counter(decoding.prompt_bucket(len(p)) for p in ids)
+    now |= {(b, size) for b, n in per_bucket.items()
+            for size in decoding.batch_sizes(n, cfg.batch_size)}
+    before |= {(decoding.prompt_bucket(len(p)), budget_bucket(n, cfg))
+               for p, n in zip(ids, inputs)}
+    prompts += ids
   return {"prompts": len(prompts), "programs_now": len(now), "programs_before": len(before),
           "prompt_buckets": dict(sorted(collections.Counter(
               decoding.prompt_bucket(len(p)) for p in prompts).items()))}
@@ -58,9 +64,8 @@ def main(argv):
   chosen, whole = [], []
   for site in data.sites.values():
     test = site.examples.get("test") or []
-    whole += test
-    for es in evaluator.eval_sets(site.name, test, config.eval.max_examples_per_task).values():
-      chosen += es.examples
+    for cap, out in ((config.eval.max_examples_per_task, chosen), (0, whole)):
+      out += [es.examples for es in evaluator.eval_sets(site.name, test, cap).values()]
   for name, examples in (("evaluated examples", chosen), ("whole test splits", whole)):
     c = count(examples, data.renderer, data.tokenizer, cfg)
     print(f"{name}: {c['prompts']} prompts; {c['programs_now']} decoding programs per adapter "

@@ -72,6 +72,11 @@ def test_spread_and_budget_and_clean_output():
   assert decoding.budget(10, cfg) == 36          # 2 x 10 + 16: each row its own budget
   assert decoding.budget(100, cfg) == 216
   assert decoding.budget(1000, cfg) == 256       # the cap
+  # Full batches, then the rest at the next power of two (never more than batch_size).
+  assert decoding.batch_sizes(16, 16) == [16]
+  assert decoding.batch_sizes(4, 16) == [4]
+  assert decoding.batch_sizes(37, 16) == [16, 16, 8]
+  assert decoding.batch_sizes(3, 2) == [2, 1] and decoding.batch_sizes(0, 16) == []
   assert decoding.clean_output(' a <span class="x">b</span>\n### Input Text:\nmore') == \
       'a <span class="x">b</span>'
   with pytest.raises(ValueError, match="temperature"):
@@ -101,8 +106,10 @@ def test_batched_decoding_equals_one_at_a_time(sharp_byte_model):
   outs, stats = batched.generate(params, adapters, prompts, texts)
   assert stats.prompts == 5 and stats.new_tokens > 0
   assert len({o for o in outs}) > 2, "outputs should differ between prompts"
-  # Rows group by (prompt bucket, budget bucket): 32/16, 64/16 (two rows) and 16/8 (two).
+  # Rows group by prompt bucket (three buckets here), each group one batch at the next
+  # power of two of its rows: three shapes.
   assert stats.batches == len(stats.shapes) == 3
+  assert all(size <= cfg.batch_size for size, *_ in stats.shapes)
   single = decoding.Decoder(config, graphdef, tok, dataclass_replace(cfg, batch_size=1))
   for p, t, o in zip(prompts, texts, outs):
     one, _ = single.generate(params, adapters, [p], [t])
