@@ -33,6 +33,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "fields as --config.a.b=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: data cache, base model, "
                                "federated runs, results.json, results.md, plots.", required=True)
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: recompute the claim table, communication and plots "
+    "from the settings already in --workdir's results.json (e.g. of a run still going, or "
+    "with other --config.eval.bootstrap_* values) and rewrite results.json and results.md.")
 
 
 def main(argv):
@@ -42,9 +46,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   log = lambda s: print(s, file=sys.stderr, flush=True)
   log(f"devices: {jax.devices()}")
-  runner = SettingsRun(_CONFIG.value, _WORKDIR.value, log=log)
-  runner.run()
   out = Path(_WORKDIR.value)
+  if _REPORT_ONLY.value and not (out / "results.json").is_file():
+    raise app.UsageError(f"--report_only: no results.json in {out} to report on")
+  runner = SettingsRun(_CONFIG.value, _WORKDIR.value, log=log, report_only=_REPORT_ONLY.value)
+  runner.report() if _REPORT_ONLY.value else runner.run()
   print((out / "results.md").read_text())
   print(f"results: {out / 'results.json'}, {out / 'results.md'}")
 

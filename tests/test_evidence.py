@@ -240,4 +240,13 @@ def test_a_killed_run_resumes_skipping_finished_settings_with_identical_numbers(
   again = SettingsRun(c, workdir, log=QUIET).run()
   assert _scores_of(again) == _scores_of(fresh)
   assert again["config"]["eval"]["bootstrap_replicates"] == 300
+  # The killed process, its resumption and the two reruns are the run's four parts.
+  assert len(again["parts"]) == 4 and again["compile"]["parts"] == 4
+  # --report_only trains nothing and adds no part.
+  report = subprocess.run([sys.executable, "-m", "launch.evaluate", "--report_only",
+                           "--config=configs/evaluate.py", f"--workdir={tmp_path / 'none'}"],
+                          cwd=ROOT, capture_output=True, text=True)
+  assert report.returncode != 0 and "no results.json" in report.stderr
+  only = SettingsRun(_resume_config(), workdir, log=QUIET, report_only=True).report()
+  assert len(only["parts"]) == 4 and _scores_of(only) == _scores_of(fresh)
   assert os.path.getsize(workdir / "plots" / "f1_by_setting.png") > 1000

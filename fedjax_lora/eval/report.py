@@ -84,8 +84,11 @@ def markdown(results: Mapping[str, Any], train: Sequence[str], external: Sequenc
               "their token budget.", ""]
   comp = results.get("compile")
   if comp:
+    parts = comp.get("parts", 1)
     lines += [f"Compilation: {comp['seconds']:.0f} s of {comp['wall_seconds']:.0f} s wall "
-              f"({100 * comp['fraction_of_wall']:.1f}%), {comp['compilations']} programs.", ""]
+              f"({100 * comp['fraction_of_wall']:.1f}%), {comp['compilations']} programs"
+              + (f", over the {parts} processes of a resumed run" if parts > 1 else "") + ".",
+              ""]
   seconds = results.get("seconds")
   if seconds:
     lines += ["Seconds per setting (training + evaluation): " +

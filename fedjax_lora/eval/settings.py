@@ -146,8 +146,12 @@ class SettingsRun:
   results of another config is refused, naming the fields that differ.
   """
 
-  def __init__(self, config, workdir: str | Path, log: Callable[[str], None] = print):
+  def __init__(self, config, workdir: str | Path, log: Callable[[str], None] = print,
+               report_only: bool = False):
+    """`report_only`: this process only rewrites the summaries (`report`), so it is not
+    counted as a part of the run."""
     check_eval_config(config)
+    self.report_only = report_only
     self.config, self.ev, self.log = config, config.eval, log
     self._trained, self._started = None, time.perf_counter()  # the setting being run
     self.workdir = Path(workdir)
@@ -178,11 +182,16 @@ class SettingsRun:
                               "documents": [e.document or e.doc_id for e in es.examples]}
                           for t, es in by.items()} for n, by in self.sets.items()},
         "settings": {}, "seconds": {}, "runs": {}}
+    self.results["parts"] = []
     if previous:
       for key in ("settings", "seconds", "runs"):
         self.results[key] = previous.get(key, {})
+      self.results["parts"] = previous.get("parts", [])
       log(f"resuming {self.workdir / 'results.json'}: {len(self.results['settings'])} "
           "settings already done are skipped")
+    if not report_only:
+      self.results["parts"].append({})
+    self.meter, self._begun = CompileMeter(), time.perf_counter()
 
   def _previous(self, config_json: dict) -> dict | None:
     """The results of an earlier run in this workdir, if its config is this one."""
@@ -396,27 +405,53 @@ class SettingsRun:
 
   # ---- driver ------------------------------------------------------------------------------
   def run(self) -> dict:
-    order = [s for s in ORDER if s in self.ev.settings]
-    meter, start = CompileMeter(), time.perf_counter()
-    for setting in order:
+    """Runs every setting not yet done, then the summaries (`report`)."""
+    for setting in [s for s in ORDER if s in self.ev.settings]:
       t0 = time.perf_counter()
       getattr(self, setting)()
       self.results["seconds"][setting] = round(
           self.results["seconds"].get(setting, 0.0) + time.perf_counter() - t0, 2)
-    wall = time.perf_counter() - start
-    self.results["compile"] = {"seconds": round(meter.seconds, 2),
-                               "compilations": meter.compilations,
-                               "wall_seconds": round(wall, 2),
-                               "fraction_of_wall": round(meter.seconds / max(wall, 1e-9), 4)}
-    self.log(f"compiling took {meter.seconds:.1f} s of {wall:.1f} s "
-             f"({100 * meter.seconds / max(wall, 1e-9):.1f}%, {meter.compilations} programs)")
-    self.results["generation"] = self.decoder.total.to_dict()
+    part = self._part()
+    self.log(f"compiling took {part['compile_seconds']:.1f} s of {part['wall_seconds']:.1f} s "
+             f"({100 * part['compile_seconds'] / max(part['wall_seconds'], 1e-9):.1f}%, "
+             f"{part['compilations']} programs)")
+    return self.report()
+
+  def report(self) -> dict:
+    """Claims, communication and plots from the settings done so far; results written.
+    (`launch.evaluate --report_only` calls this alone: nothing is trained.)"""
     self.results["claims"] = self.claims()
     self.results["communication"] = self.communication()
     self.results["plots"] = [str(p) for p in summary_plots.write_summary_plots(
         self.results, self.train, self.external, self.new_sites, self.workdir / "plots")]
     self.save()
     return self.results
+
+  def _part(self) -> dict:
+    """This process's share of the run (a resumed run has several): wall time, compile
+    time from JAX's compile events, generation throughput; totals over parts beside."""
+    wall = time.perf_counter() - self._begun
+    self.results["parts"][-1] = part = {
+        "wall_seconds": round(wall, 2), "compile_seconds": round(self.meter.seconds, 2),
+        "compilations": self.meter.compilations, "generation": self.decoder.total.to_dict()}
+    parts = self.results["parts"]
+    total_wall = sum(p["wall_seconds"] for p in parts)
+    total_compile = sum(p["compile_seconds"] for p in parts)
+    self.results["compile"] = {"seconds": round(total_compile, 2),
+                               "compilations": sum(p["compilations"] for p in parts),
+                               "wall_seconds": round(total_wall, 2),
+                               "fraction_of_wall": round(total_compile / max(total_wall, 1e-9), 4),
+                               "parts": len(parts)}
+    gen = [p["generation"] for p in parts]
+    seconds = sum(g["seconds"] for g in gen)
+    self.results["generation"] = {
+        "prompts": sum(g["prompts"] for g in gen), "new_tokens": sum(g["new_tokens"] for g in gen),
+        "seconds": round(seconds, 3), "batches": sum(g["batches"] for g in gen),
+        "hit_budget": sum(g["hit_budget"] for g in gen),
+        "distinct_shapes": max((g["distinct_shapes"] for g in gen), default=0),
+        "tokens_per_second": round(sum(g["tokens_per_second"] * g["seconds"] for g in gen)
+                                   / max(seconds, 1e-9), 1)}
+    return part
 
   def communication(self) -> dict:
     """Claim 9: one site's adapter against the full model per round and direction, for this
@@ -471,6 +506,8 @@ class SettingsRun:
 
   def save(self) -> None:
     """results.json and results.md, rewritten after every setting (a crash keeps them)."""
+    if self.results["parts"] and not self.report_only:
+      self._part()
     files.write_atomic(self.workdir / "results.json",
                        json.dumps(self.results, indent=1, default=_json_default))
     (self.workdir / "results.md").write_text(
