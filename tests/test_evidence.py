@@ -249,4 +249,5 @@ def test_a_killed_run_resumes_skipping_finished_settings_with_identical_numbers(
   assert report.returncode != 0 and "no results.json" in report.stderr
   only = SettingsRun(_resume_config(), workdir, log=QUIET, report_only=True).report()
   assert len(only["parts"]) == 4 and _scores_of(only) == _scores_of(fresh)
-  assert os.path.getsize(workdir / "plots" / "f1_by_setting.png") > 1000
+  for plot in ("f1_by_setting.png", "f1_per_round.png", "new_site_k.png"):
+    assert os.path.getsize(workdir / "plots" / plot) > 1000, plot
