@@ -258,10 +258,10 @@ class SettingsRun:
     self.save()
     return res
 
-  def _reuse(self, tag: str, source: str, site: str) -> dict:
-    """`source`'s scores on `site` under the name `tag`: the same model on the same examples
+  def _reuse(self, tag: str, source: str, sites: list[str]) -> dict:
+    """`source`'s scores on `sites` under the name `tag`: the same model on the same examples
     (greedy decoding is deterministic), so decoding them again would only cost time."""
-    per_site = {site: self.results["settings"][source]["sites"][site]}
+    per_site = {s: self.results["settings"][source]["sites"][s] for s in sites}
     res = {"sites": per_site, "aggregate": aggregate_sites(per_site), "reused_from": source,
            "seconds": 0.0}
     self.results["settings"][tag] = res
@@ -324,9 +324,7 @@ class SettingsRun:
       tag = f"val_size/{int(n)}"
       if (int(n) == self.config.run.val_examples_per_site and same in self.results["settings"]
           and tag not in self.results["settings"]):
-        res = {**self.results["settings"][same], "reused_from": same, "seconds": 0.0}
-        self.results["settings"][tag] = res
-        self.log(report.summary_line(tag, res) + f" (the scores of {same})")
+        self._reuse(tag, same, list(self.results["settings"][same]["sites"]))
         self.save()
         continue
       self._federated(tag, "fedmedlora_plus", self.ev.fault_sites, hooks=False,
@@ -390,7 +388,7 @@ class SettingsRun:
             self.log(f"{tag}: only {available} training examples at {name}; using all")
           same = "zero_shot" if params is None else source  # k = 0: that setting's model
           if rows == 0 and name in self.results["settings"].get(same, {}).get("sites", {}):
-            res = self._reuse(tag, same, name)
+            res = self._reuse(tag, same, [name])
           elif rows == 0:
             adapters = zero if params is None else [lora.LoraAdapter(params, zero[0].spec)]
             res = self._score(tag, self.model[2], lambda s, a=adapters: a, [name])
