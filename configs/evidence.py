@@ -13,7 +13,7 @@ each site alone; all sites pooled; the new site from the federated adapter or fr
 at k = 0, 10, 50 and all examples. The run is resumable: rerun the command with the same
 workdir after a stop and finished settings are skipped.
 
-The caps below (`CPU`) make the matrix fit about 3 hours on 2 CPU cores; each is named,
+The caps below (`CPU`) make the matrix fit 1.5–3 hours on 2 CPU cores; each is named,
 and `--config=configs/evidence.py:full` lifts them: every training example, whole test
 splits, the paper's 3 rounds of 2 epochs (the full-scale run, for an accelerator). Every
 field can be overridden on the command line. Fed-MedLoRA+ uses 5 server validation
@@ -25,9 +25,10 @@ import ml_collections
 from configs import benchmark, data_five_sites, federate
 
 # CPU-sized slices, one place. Measured on 2 AVX2 cores (WORKSPACE.md "Evidence"): a
-# training example costs about 5 s (prompt + sentence + tagged sentence pad to 384
-# tokens), a scored test example 3-5 s (prefill plus greedy decoding of its answer), so
-# these sizes make the matrix about 3 hours. 16 test examples fill one decoding batch.
+# training example costs about 2 s (prompt + sentence + tagged sentence pad to 384
+# tokens), a scored test example about 1.6 s (prefill plus greedy decoding of its answer),
+# so these sizes made the matrix 1 h 26 min (about 3 times that on the slower machine of
+# the first, partial run). 16 test examples fill one decoding batch.
 CPU = dict(
     train_examples=12,        # per training site (0: all)
     new_site_examples=60,     # E3C-en training examples: k = "all" (0: all 680)
