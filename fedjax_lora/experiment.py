@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from configs import federate as federate_defaults
-from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import client_modes
 from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
+from fedjax_lora.aggregators import Aggregator
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
-from fedjax_lora.client import ClientConfig, steps_per_round
+from fedjax_lora.client import steps_per_round
 from fedjax_lora.data import prepare
 from fedjax_lora.privacy import accounting
 from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SecurityConfig, SiteData
@@ -31,35 +31,16 @@ from models.config import LlamaConfig
 from models.lora import LoraSpec
 
 BEST_METRICS = ("val_loss", "mean_train_loss")
-# Which config.aggregator fields each aggregator takes (server_lr 0: the aggregator's default).
-AGGREGATOR_OPTIONS = {
-    "fedavgm": ("server_lr", "momentum"),
-    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
-    "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
-    "fedadagrad": ("server_lr", "beta1", "tau"),
-    "scaffold": ("server_lr",),
-    "trimmed_mean": ("trim",),
-    "norm_clip": ("max_norm",),
-}
-# Why an algorithm cannot run under secure aggregation, where the server learns nothing
-# but the weighted mean of the uploads (aggregators.base.COMBINES).
-SECAGG_WHY = {
-    "fedmedlora_plus": "it scores every site's adapter on the server validation set",
-    "median": "it takes coordinate-wise order statistics of individual updates",
-    "trimmed_mean": "it sorts individual updates per coordinate",
-    "norm_clip": "it needs each update's norm",
-    "dp_fedavg": "it clips each update on the server",
-    "scaffold": "it also aggregates individual control variates",
-    "flora": "it stacks individual factors", "flexlora": "it needs individual products",
-    "hetlora": "it weights sites by their own product norms",
-}
 
 
 def secagg_compatible(alg_name: str) -> bool:
   """The aggregator combines by a weighted mean, and nothing else looks at single uploads."""
-  alg = get_algorithm(alg_name)
-  combine = agg_lib.get_aggregator(alg.aggregator).combine
-  return combine in ("mean", "mean_then_step") and not alg.needs_validation
+  return not secagg_obstacle(get_algorithm(alg_name))
+
+
+def secagg_obstacle(alg) -> str:
+  """Why `alg` cannot run under secure aggregation ("" when it can)."""
+  return alg.secagg_obstacle(alg.make_aggregator().combine)
 
 
 def _group(config, name: str) -> dict:
@@ -87,11 +68,13 @@ def _check_privacy(config, alg_name: str) -> None:
     raise ConfigError("config.privacy.example_clip must be > 0 for DP-SGD noise (it sets the "
                       "sensitivity)")
   client_dp = pv["client_noise"] > 0 or pv["client_target_epsilon"] > 0
-  if client_dp and alg_name != "dp_fedavg":
+  if client_dp and not get_algorithm(alg_name).client_dp:
     raise ConfigError("config.privacy.client_noise / client_target_epsilon apply to "
-                      f"config.algorithm=dp_fedavg only, not {alg_name}")
-  if alg_name == "dp_fedavg" and not pv["client_clip"] > 0:
-    raise ConfigError("config.algorithm=dp_fedavg needs config.privacy.client_clip > 0")
+                      f"config.algorithm="
+                      f"{'/'.join(n for n, a in ALGORITHMS.items() if a.client_dp)} only, "
+                      f"not {alg_name}")
+  if get_algorithm(alg_name).client_dp and not pv["client_clip"] > 0:
+    raise ConfigError(f"config.algorithm={alg_name} needs config.privacy.client_clip > 0")
 
 
 def _check_security(config, alg_name: str, sites: list[str]) -> None:
@@ -109,11 +92,11 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
     raise ConfigError("config.security.keep_uploads needs config.security.ledger=True (the "
                       "ledger's hashes are what the stored uploads are checked against)")
   if sec["secure_aggregation"]:
-    if not secagg_compatible(alg_name):
-      aggregator = get_algorithm(alg_name).aggregator
+    why = secagg_obstacle(get_algorithm(alg_name))
+    if why:
       raise ConfigError(
           f"config.security.secure_aggregation cannot be combined with config.algorithm="
-          f"{alg_name}: {SECAGG_WHY.get(aggregator, 'it needs individual updates')}, and "
+          f"{alg_name}: {why}, and "
           "the server never sees one under secure aggregation. Compatible: "
           f"{', '.join(a for a in sorted(ALGORITHMS) if secagg_compatible(a))}")
     if config.run.clients_per_round == 1 or len(sites) < 2:
@@ -267,14 +250,15 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   return cfg, graphdef, base
 
 
-def _aggregator(config, client_noise: float, expected_clients: int) -> agg_lib.Aggregator:
-  name = get_algorithm(config.algorithm).aggregator
-  options = {k: config.aggregator[k] for k in AGGREGATOR_OPTIONS.get(name, ())
-             if k != "server_lr" or config.aggregator[k] > 0}
-  if name == "dp_fedavg":
+def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggregator:
+  """alg's server rule with the config.aggregator fields its factory takes (server_lr 0:
+  the factory's own default) and, for client-level DP, config.privacy.client_*."""
+  options = {k: config.aggregator[k] for k in alg.option_names()
+             if k in config.aggregator and (k != "server_lr" or config.aggregator[k] > 0)}
+  if alg.client_dp:
     options.update(clip=_group(config, "privacy")["client_clip"], noise_multiplier=client_noise,
                    expected_clients=float(expected_clients))
-  return agg_lib.get_aggregator(name, **options)
+  return alg.make_aggregator(**options)
 
 
 def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
@@ -344,19 +328,16 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
     local_spec = (LoraSpec(rank=lc.local_rank, alpha=lc.local_alpha, targets=lc.targets,
                            layers=layers) if alg.local_adapter else None)
     spec.layer_indices(model_cfg.num_layers)
-    client = ClientConfig(learning_rate=config.client.learning_rate,
-                          warmup_fraction=config.client.warmup_fraction,
-                          schedule=config.client.schedule,
-                          weight_decay=config.client.weight_decay,
-                          grad_clip=config.client.grad_clip, train_factors=alg.train_factors,
-                          prox_mu=config.client.prox_mu if alg.prox else 0.0,
-                          scaffold=alg.scaffold, dp_clip=pv["example_clip"],
-                          dp_noise_multiplier=example_noise,
-                          # DP-SGD bounds each example's influence, so each example weighs
-                          # the same (a token-weighted mean would not have that sensitivity)
-                          loss_weighting="examples" if pv["example_clip"] > 0 else "tokens")
-    aggregator = _aggregator(config, client_noise, m)
+    client = alg.client_config(**config.client.to_dict(), dp_clip=pv["example_clip"],
+                               dp_noise_multiplier=example_noise,
+                               # DP-SGD bounds each example's influence, so each example
+                               # weighs the same (a token-weighted mean would not have that
+                               # sensitivity)
+                               loss_weighting="examples" if pv["example_clip"] > 0 else "tokens")
+    aggregator = _aggregator(config, alg, client_noise, m)
     plan = faults_lib.parse_faults(ft["sites"], train_sites, ft["scale"], ft["start_round"])
+  except TypeError as e:  # a field config.client has that ClientConfig does not
+    raise ConfigError(f"config.client: {e}") from None
   except ValueError as e:
     raise ConfigError(str(e)) from None
   ledger = bool(sec["ledger"]) and workdir is not None

@@ -403,7 +403,7 @@ class Federation:
                                             self.dp_steps[s.name], self.security.dp_delta)
           for s in self.sites}
       out["dp_steps"] = dict(self.dp_steps)
-    if self.aggregator.name == "dp_fedavg":
+    if self.algorithm.client_dp:
       out["client_epsilon"] = accounting.client_level_epsilon(
           self.security.client_dp_noise, len(idx), len(self.sites), int(self.state["round"]),
           self.security.dp_delta)

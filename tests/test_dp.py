@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lora.aggregators import get_aggregator
+from fedjax_lora.algorithms import get_aggregator
 from fedjax_lora.client import (ClientConfig, _row_losses, clip_per_example, client_update,
                                 dp_gradient)
 from models.lora import LoraAdapter
