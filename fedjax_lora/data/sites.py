@@ -18,7 +18,7 @@ import numpy as np
 
 from fedjax_lora.data import dedup, partition, windows
 from fedjax_lora.data import tasks as task_lib
-from fedjax_lora.data.corpora import load_corpus
+from fedjax_lora.data.corpora import load_corpus, single_collection
 from fedjax_lora.data.records import Corpus, DataError, Document
 
 SPLITS = ("train", "dev", "test")
@@ -65,6 +65,12 @@ def source_from_config(name: str, cfg) -> SourceSpec:
       max_train_examples=int(get("max_train_examples", 0) or 0), role=get("role", "train"))
   if not spec.corpus:
     raise DataError(f"config.sites.{name}: `corpus` is required")
+  used = [s for s in spec.splits.values() if s is not None]
+  if len(used) > 1 and single_collection(spec.corpus):
+    raise DataError(f"config.sites.{name}: corpus {spec.corpus!r} is one collection without "
+                    f"splits, so it can serve one split only, not {len(used)} ({used}): set the "
+                    "other *_split fields to None, or give a folder of split files or a path "
+                    "with {split}")
   if spec.role not in ROLES:
     raise DataError(f"config.sites.{name}.role must be one of {ROLES}, got {spec.role!r}")
   for t in spec.tasks:

@@ -226,7 +226,7 @@ def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
     if spec.group_by_concept and (head_concept or by_id[head].concept):
       concept = head_concept or by_id[head].concept
       key = f"concept:{concept}"
-      anchors_of[key].update(i for i in spans if concept in by_id[i].concept_ids)
+      anchors_of[key].update(i for i in spans if concept in by_id[i].concept_keys)
     else:
       key = head
     anchors_of[key].add(head)
