@@ -9,14 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from configs import federate as federate_defaults
 from fedjax_lora import client_modes
 from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
@@ -25,10 +23,12 @@ from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
 from fedjax_lora.client import steps_per_round
 from fedjax_lora.data import prepare
 from fedjax_lora.privacy import accounting
-from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SecurityConfig, SiteData
+from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_config
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.security.config import SecurityConfig
+from fedjax_lora.simulator import Federation, SiteData
 from models import checkpoints, hf_checkpoint, llama
 from models.config import LlamaConfig
-from models.lora import LoraSpec
 
 BEST_METRICS = ("val_loss", "mean_train_loss")
 
@@ -43,15 +43,8 @@ def secagg_obstacle(alg) -> str:
   return alg.secagg_obstacle(alg.make_aggregator().combine)
 
 
-def _group(config, name: str) -> dict:
-  """A config group as a dict of defaults + overrides (configs saved before it existed)."""
-  base = getattr(federate_defaults, f"{name}_config")().to_dict()
-  given = config.get(name)
-  return {**base, **(given.to_dict() if given is not None else {})}
-
-
 def _check_privacy(config, alg_name: str) -> None:
-  pv = _group(config, "privacy")
+  pv = group(config, "privacy")
   if not 0.0 < pv["delta"] < 1.0:
     raise ConfigError(f"config.privacy.delta must be in (0, 1), got {pv['delta']}")
   for prefix in ("example", "client"):
@@ -78,7 +71,7 @@ def _check_privacy(config, alg_name: str) -> None:
 
 
 def _check_security(config, alg_name: str, sites: list[str]) -> None:
-  sec, ft = _group(config, "security"), _group(config, "faults")
+  sec, ft = group(config, "security"), group(config, "faults")
   if sec["max_update_norm"] < 0:
     raise ConfigError(f"config.security.max_update_norm must be >= 0, got "
                       f"{sec['max_update_norm']}")
@@ -234,14 +227,7 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
       if not link.exists():
         link.symlink_to(path.resolve(), target_is_directory=True)
     return cfg, graphdef, base
-  padded = int(math.ceil(vocab_size / 64) * 64)
-  cfg = LlamaConfig(vocab_size=padded, hidden_size=m.hidden_size,
-                    intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                    num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                    head_dim=m.hidden_size // m.num_heads, max_position_embeddings=4096,
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id or 0, param_dtype=dtype, dtype=dtype,
-                    remat=m.remat, attention_impl=m.attention_impl or None)
+  cfg = tiny_model_config(m, vocab_size, tokenizer)
   graphdef, base = llama.init_model(cfg, seed=config.run.seed)
   if workdir is not None:  # keep the base so the exported adapter has something to load onto
     out = hf_checkpoint.save_params(workdir / "base_model", cfg, base)
@@ -256,7 +242,7 @@ def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggr
   options = {k: config.aggregator[k] for k in alg.option_names()
              if k in config.aggregator and (k != "server_lr" or config.aggregator[k] > 0)}
   if alg.client_dp:
-    options.update(clip=_group(config, "privacy")["client_clip"], noise_multiplier=client_noise,
+    options.update(clip=group(config, "privacy")["client_clip"], noise_multiplier=client_noise,
                    expected_clients=float(expected_clients))
   return alg.make_aggregator(**options)
 
@@ -264,7 +250,7 @@ def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggr
 def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
   """(example-level sigma, client-level sigma): as configured, or calibrated so that the
   planned run (every site in every round) ends at the target epsilon."""
-  pv, run = _group(config, "privacy"), config.run
+  pv, run = group(config, "privacy"), config.run
   example, client = pv["example_noise"], pv["client_noise"]
   if pv["example_target_epsilon"] > 0:
     per_step = run.batch_size * run.accumulation
@@ -315,18 +301,15 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   model_cfg, graphdef, base = model or load_model(config, len(tokenizer), workdir, tokenizer,
                                                   log)
   lc = config.lora
-  layers = tuple(lc.layers) or None
   ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
-  rank = lc.rank
-  pv, sec, ft = _group(config, "privacy"), _group(config, "security"), _group(config, "faults")
-  run = RunConfig(**config.run.to_dict())
+  pv, sec, ft = group(config, "privacy"), group(config, "security"), group(config, "faults")
+  run = run_config(config)
   m = run.clients_per_round or (max(1, round(run.client_fraction * len(sites)))
                                 if run.client_fraction else len(sites))
   example_noise, client_noise = dp_noise(config, sites, m, log)
   try:
-    spec = LoraSpec(rank=rank, alpha=lc.alpha, targets=lc.targets, layers=layers)
-    local_spec = (LoraSpec(rank=lc.local_rank, alpha=lc.local_alpha, targets=lc.targets,
-                           layers=layers) if alg.local_adapter else None)
+    spec = lora_spec(lc)
+    local_spec = lora_spec(lc, local=True) if alg.local_adapter else None
     spec.layer_indices(model_cfg.num_layers)
     client = alg.client_config(**config.client.to_dict(), dp_clip=pv["example_clip"],
                                dp_noise_multiplier=example_noise,

@@ -23,21 +23,15 @@ from fedjax_lora import batching, checkpointing, client_modes, comm, faults, fil
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
 from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.errors import ConfigError, ResumeError
 from fedjax_lora.eval.report import f1_line
 from fedjax_lora.privacy import accounting
 from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
                                 validation_loss)
-from fedjax_lora.security import guard
+from fedjax_lora.security import guard, site_side
+from fedjax_lora.security.config import SecurityConfig
 from models import llama, lora
 from models.lora import LoraAdapter, LoraSpec
-
-
-class ConfigError(ValueError):
-  """A federation setting that cannot work; raised before any training."""
-
-
-class ResumeError(ValueError):
-  """A workdir that cannot be resumed as asked (names the directory and what to do)."""
 
 
 @dataclasses.dataclass
@@ -49,43 +43,21 @@ class SiteData:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  rounds: int = 3
-  epochs: int = 2
-  batch_size: int = 4
-  accumulation: int = 1
-  clients_per_round: int = 0      # 0: every site (or client_fraction of them)
-  client_fraction: float = 0.0    # used when clients_per_round is 0 and this is > 0
-  availability: float = 1.0       # probability that a sampled client reports back
-  seed: int = 0
-  val_examples_per_site: int = 50
-  val_chunk: int = 16
-  eval_every: int = 1
-  keep_last: int = 3
-  best_metric: str = "val_loss"
-  best_mode: str = "min"
-
-
-@dataclasses.dataclass(frozen=True)
-class SecurityConfig:
-  """How the server protects the round (all off: the single fused program of a plain run)."""
-  ledger: bool = False              # signed uploads, verified before aggregation, and the
-                                    # hash-chain ledger of <workdir>/ledger.jsonl (needs a workdir)
-  keep_uploads: bool = False        # with the ledger: keep every round's uploads and global
-                                    # adapter in <workdir>/uploads for launch.audit to replay
-  max_update_norm: float = 0.0      # quarantine uploads with ||y_k - x|| above this (0: off);
-                                    # non-finite uploads are always quarantined
-  secure_aggregation: bool = False  # the server sees only masked uploads and their sum
-  secagg_frac_bits: int = 24        # fixed-point fractional bits in the 2^64 ring
-  secagg_threshold: float = 0.5     # Shamir threshold: more than this fraction must survive
-  faults: faults.FaultPlan = faults.FaultPlan()
-  dp_delta: float = 1e-5            # delta of the reported (epsilon, delta)
-  client_dp_noise: float = 0.0      # dp_fedavg's noise multiplier, for its accounting
-  config_hash: str = ""             # committed to by the ledger's genesis block
-
-  @property
-  def split_round(self) -> bool:
-    """The host must see the uploads between training and aggregation."""
-    return self.ledger or self.secure_aggregation
+  """config.run, typed (fedjax_lora.translate.run_config); its defaults are in configs/."""
+  rounds: int
+  epochs: int
+  batch_size: int
+  accumulation: int
+  clients_per_round: int      # 0: every site (or client_fraction of them)
+  client_fraction: float      # used when clients_per_round is 0 and this is > 0
+  availability: float         # probability that a sampled client reports back
+  seed: int
+  val_examples_per_site: int
+  val_chunk: int
+  eval_every: int
+  keep_last: int
+  best_metric: str
+  best_mode: str
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -141,7 +113,7 @@ class Federation:
                workdir: str | None = None, log: Callable[[str], None] = print,
                place: Callable | None = None,
                hooks: list[Callable[["Federation", int], dict]] = (),
-               security: SecurityConfig = SecurityConfig(), special_token_ids=(),
+               security: SecurityConfig, special_token_ids=(),
                vocab_size: int | None = None):
     self.graphdef, self.base, self.model_config = graphdef, base, model_config
     self.sites, self.algorithm, self.aggregator, self.run = sites, algorithm, aggregator, run
@@ -217,8 +189,12 @@ class Federation:
           best_metric=run.best_metric or None, best_mode=run.best_mode)
     if security.ledger and self.workdir is None:
       raise ConfigError("security.ledger needs a workdir (the ledger and keys live there)")
-    self.guard = guard.RoundGuard(self, security) if security.split_round or \
-        security.ledger else None
+    self.guard = self.site_side = None
+    if security.split_round:
+      names = [s.name for s in sites]
+      self.site_side = site_side.SimulatedSites(
+          names, aggregator.sends, security, dict(zip(names, self.token_counts.tolist())), log)
+      self.guard = guard.RoundGuard(self.workdir, names, aggregator, security, log)
     self.dp_steps = {s.name: 0 for s in sites}  # local DP-SGD steps taken so far, per site
 
   # ---- state -------------------------------------------------------------------------------
@@ -329,7 +305,7 @@ class Federation:
   def step(self) -> dict:
     """Runs the next round; returns its metrics (also appended to `history`)."""
     if self.guard is not None and not self.guard.started:
-      self.guard.start(resumed_round=int(self.state["round"]) or None)
+      self._start_guard(int(self.state["round"]) or None)
     r = int(self.state["round"]) + 1
     t0 = time.perf_counter()
     idx, present, batches, step_mask, keys, rank = self.round_inputs(r)
@@ -350,8 +326,8 @@ class Federation:
       client_out, client_metrics = self.train_fn(
           self.base, core, self.state["sites"], placed["batches"], placed["step_mask"],
           placed["idx"], placed["keys"], placed["rank"], fault)
-      accepted, secure_delta, report = self.guard.check_uploads(r, idx, present, core["global"],
-                                                                client_out)
+      accepted, secure_delta, report = self._check_uploads(r, idx, present, core["global"],
+                                                           client_out)
       if secure_delta is not None:
         client_out = self.guard.server_view(client_out, core["global"])
       core, sites, metrics = self.aggregate_fn(
@@ -383,10 +359,28 @@ class Federation:
         f.write(json.dumps(_jsonable(row)) + "\n")
     if self.guard is not None and self.security.ledger:
       # Before the checkpoint: a checkpoint with no block is treated as unverifiable.
-      self.guard.record_round(r, idx, present, metrics, report, row)
+      self.guard.record_round(r, [self.sites[k].name for k in idx], present, metrics, report,
+                              row, self.state["global"], self.checkpoint_state())
     if self.checkpointer is not None:
       self.checkpointer.save(r, self.checkpoint_state(), _jsonable(row))
     return row
+
+  def _start_guard(self, resumed_round: int | None = None) -> None:
+    """The sites' keys (their side), then the server's registry and ledger."""
+    if self.workdir is not None:
+      self.site_side.start(self.workdir / "identity")
+    self.guard.start(self.initial_state()["global"], resumed_round)
+
+  def _check_uploads(self, r, idx, present, global_params, client_out):
+    """The wire between training and aggregation: the server opens the protocol round, the
+    sites select, mask and sign their uploads, the server checks what arrives."""
+    names = [self.sites[k].name for k in idx]
+    rnd = (self.guard.open_secagg(r, names, present) if self.security.secure_aggregation
+           else None)
+    out = self.site_side.send(r, names, present, jax.device_get(global_params),
+                              jax.device_get(client_out["trained"]["global"]), rnd,
+                              self.guard.published(r))
+    return self.guard.receive(r, names, present, out, global_params)
 
   def _privacy(self, idx, present, metrics) -> dict:
     """Per-site epsilon of example-level DP-SGD and the run's client-level epsilon so far."""
@@ -503,7 +497,7 @@ class Federation:
       if self.workdir is not None:
         self._truncate_metrics(0)  # killed during round 1: nothing of it was kept
       if self.guard is not None:
-        self.guard.start()
+        self._start_guard()
       return 0
     target = self.checkpoint_state()
     if self.guard is not None:
@@ -541,7 +535,7 @@ class Federation:
     self.dp_steps.update(metrics.get("dp_steps", {}))
     self._truncate_metrics(r)
     if self.guard is not None:
-      self.guard.start(resumed_round=r)
+      self._start_guard(r)
     self.log(f"resumed from round {r}")
     return r
 

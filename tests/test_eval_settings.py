@@ -13,7 +13,7 @@ from fedjax_lora.data import prepare, sites as sites_lib
 from fedjax_lora.data.markup import Span
 from fedjax_lora.eval import decoding, evaluator, plots
 from fedjax_lora.eval.settings import SETTINGS, SettingsRun, check_eval_config, pool, take_rows
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.errors import ConfigError
 from models import llama
 from models import lora as lora_lib
 from models.config import LlamaConfig

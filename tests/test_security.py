@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedjax_lora import experiment, mesh as mesh_lib
 from fedjax_lora.client import steps_per_round
 from fedjax_lora.security import audit, identity, ledger as ledger_lib
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.errors import ConfigError
 from tests.test_federation import REPO, build, data, small_config  # noqa: F401  (data: fixture)
 
 SITES = ("discharge_summary", "narrative_hospital", "telegraphic_clinic")

@@ -12,14 +12,11 @@ import dataclasses
 import os
 import re
 from typing import Iterable, Mapping
+from fedjax_lora.errors import DataError
 
 
 _TMVAR = re.compile(r"^[a-z]?\|")  # tmVar variant ids: c|SUB|G|135|C, p|FS|Y|329||, |DEL|46|S
 _NO_ID = ("", "-", "-1")
-
-
-class DataError(ValueError):
-  """Bad input data. The message starts with `file:line:` (or the document id)."""
 
 
 def where(source: str | os.PathLike | None, line: int | None = None,

@@ -49,7 +49,9 @@ from fedjax_lora.compile_meter import CompileMeter
 from fedjax_lora.eval.decoding import DecodeConfig, Decoder
 from fedjax_lora.eval.evaluator import TASK_NAMES, aggregate_sites, eval_sets, evaluate_sets
 from fedjax_lora.eval.hooks import hook_from_config, site_models
-from fedjax_lora.simulator import ConfigError, SiteData
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.simulator import SiteData
+from fedjax_lora.translate import lora_spec
 from models import lora
 from models.config import LlamaConfig
 
@@ -269,9 +271,7 @@ class SettingsRun:
     return res
 
   def _zero_adapter(self):
-    lc = self.config.lora
-    spec = lora.LoraSpec(rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
-                         layers=tuple(lc.layers) or None)
+    spec = lora_spec(self.config.lora)
     return [lora.init_adapter(self.model[0], spec, jax.random.key(0))]  # B = 0: the base
 
   def _everywhere(self) -> list[str]:
@@ -457,8 +457,7 @@ class SettingsRun:
     eval.comm_rank in eval.comm_dtype_bytes bytes; plus the bytes measured in the first
     federated run."""
     lc, ev = self.config.lora, self.ev
-    spec = lora.LoraSpec(rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
-                         layers=tuple(lc.layers) or None)
+    spec = lora_spec(lc)
     arithmetic = {"this base": {**comm.adapter_traffic(self.model[0], spec, 4),
                                 "lora": f"r={lc.rank}, {lc.targets}, float32"}}
     wide = lora.LoraSpec(rank=ev.comm_rank, alpha=2.0 * ev.comm_rank, targets=lc.targets)

@@ -34,13 +34,14 @@ from fedjax_lora.privacy.secagg._errors import SecAggError
 from fedjax_lora.privacy.secagg._fixed_point import (DEFAULT_FRAC_BITS, dequantize,
                                                      quantization_bound, quantize, safe_range)
 from fedjax_lora.privacy.secagg._prg import SEED_BYTES, pairwise_seed, prg
-from fedjax_lora.privacy.secagg._protocol import (SecAggClient, SecAggResult, SecAggServer,
-                                                  ShareBundle, secure_weighted_mean)
+from fedjax_lora.privacy.secagg._protocol import (MIN_SURVIVORS, SecAggClient, SecAggResult,
+                                                  SecAggRound, SecAggServer, ShareBundle,
+                                                  secure_weighted_mean)
 from fedjax_lora.privacy.secagg._shamir import PRIME, Share, reconstruct_secret, split_secret
 
 __all__ = [
-    "DEFAULT_FRAC_BITS", "PRIME", "SEED_BYTES", "SecAggClient", "SecAggError", "SecAggResult",
-    "SecAggServer", "Share", "ShareBundle", "dequantize", "pairwise_seed", "prg",
+    "DEFAULT_FRAC_BITS", "MIN_SURVIVORS", "PRIME", "SEED_BYTES", "SecAggClient", "SecAggError", "SecAggResult",
+    "SecAggRound", "SecAggServer", "Share", "ShareBundle", "dequantize", "pairwise_seed", "prg",
     "quantization_bound", "quantize", "reconstruct_secret", "safe_range", "secure_weighted_mean",
     "split_secret",
 ]

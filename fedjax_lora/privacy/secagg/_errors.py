@@ -1,7 +1,5 @@
 """The one exception of secure aggregation, shared by its encoding, sharing and protocol."""
 
-from __future__ import annotations
+from fedjax_lora.errors import SecAggError
 
-
-class SecAggError(ValueError):
-  """Secure aggregation cannot proceed safely or correctly."""
+__all__ = ["SecAggError"]

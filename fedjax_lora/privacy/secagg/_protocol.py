@@ -1,7 +1,8 @@
 """The secure aggregation protocol: clients deal shares and mask, the server unmasks the sums.
 
-`SecAggClient` and `SecAggServer` are the two roles of one round; `secure_weighted_mean` runs a
-whole round in-process. The package docstring (`fedjax_lora.privacy.secagg`) describes the
+`SecAggClient` and `SecAggServer` are the two roles of one round; `SecAggRound` runs them
+phase by phase (the one orchestration), and `secure_weighted_mean` runs a whole round
+in-process through it. The package docstring (`fedjax_lora.privacy.secagg`) describes the
 protocol step by step.
 """
 
@@ -21,6 +22,12 @@ from fedjax_lora.privacy.secagg._fixed_point import (DEFAULT_FRAC_BITS, _check_f
                                                      dequantize, quantization_bound, quantize)
 from fedjax_lora.privacy.secagg._prg import SEED_BYTES, _kdf, _pair_mask, prg
 from fedjax_lora.privacy.secagg._shamir import Share, reconstruct_secret, split_secret
+
+
+# A "sum" of one update is that update: below two survivors secure aggregation aggregates
+# nothing. (With exactly two, each site can subtract its own update from the new global and
+# learn the other's; the server still cannot. WORKSPACE.md, threat model.)
+MIN_SURVIVORS = 2
 
 
 # ----------------------------------------------------------------------------- validation
@@ -274,6 +281,47 @@ class SecAggResult:
   masked: dict[str, np.ndarray]
 
 
+class SecAggRound:
+  """One round of the protocol, phase by phase; the only orchestration of the two roles.
+
+  Setup (here): every client makes its key pair, registers its public key and deals Shamir
+  shares of its self-mask seed and private key to every peer. Then each client masks its
+  update (`mask`, the client side), the server collects the vectors that reach it
+  (`receive`), and `unmask` asks the survivors for the shares the server needs and returns
+  the weighted sum. `secure_weighted_mean` runs the phases straight through; a federation
+  checks each upload's signature between `mask` and `receive`.
+  """
+
+  def __init__(self, client_ids: Iterable[str], round: int, threshold: int,
+               frac_bits: int = DEFAULT_FRAC_BITS, seed: int | bytes | None = None):
+    self.ids = _check_ids(client_ids)
+    self.frac_bits = frac_bits
+    self.clients = {c: SecAggClient(c, round, seed) for c in self.ids}
+    self.server = SecAggServer(self.ids, threshold, frac_bits, round=round)
+    for c in self.ids:
+      self.server.add_public_key(c, self.clients[c].public_key)
+    for c in self.ids:
+      for peer, bundle in self.clients[c].shares_for(self.ids, threshold).items():
+        self.clients[peer].hold(bundle)
+
+  def mask(self, client_id: str, update: np.ndarray, weight: float) -> np.ndarray:
+    """Client side: the masked vector of weight * update (SecAggError if not encodable)."""
+    return self.clients[client_id].mask(update, weight, self.server.public_keys, self.frac_bits)
+
+  def receive(self, client_id: str, vector: np.ndarray) -> None:
+    """Server side: a masked vector that reached the server."""
+    self.server.add_masked(client_id, vector)
+
+  def unmask(self) -> tuple[np.ndarray, float]:
+    """(sum of weighted updates, total weight) over the survivors; SecAggError below the
+    threshold (nothing is revealed then)."""
+    self.server.require_quorum()
+    gone = set(self.server.dropped)
+    revealed = {o: [self.clients[h].reveal(o, dropped=o in gone) for h in self.server.survivors]
+                for o in self.ids}
+    return self.server.aggregate(revealed)
+
+
 def secure_weighted_mean(updates: Mapping[str, np.ndarray], weights: Mapping[str, float], *,
                          round: int, dropped: Iterable[str] = frozenset(),
                          threshold: int | None = None, frac_bits: int = DEFAULT_FRAC_BITS,
@@ -291,30 +339,19 @@ def secure_weighted_mean(updates: Mapping[str, np.ndarray], weights: Mapping[str
     raise SecAggError(f"all updates must have the same shape, got {dims}")
   threshold = len(ids) // 2 + 1 if threshold is None else threshold
 
-  clients = {c: SecAggClient(c, round, seed) for c in ids}
-  server = SecAggServer(ids, threshold, frac_bits, round=round)
+  rnd = SecAggRound(ids, round, threshold, frac_bits, seed)
   for c in ids:
-    server.add_public_key(c, clients[c].public_key)
-  for c in ids:
-    for peer, bundle in clients[c].shares_for(ids, threshold).items():
-      clients[peer].hold(bundle)
-  keys = server.public_keys
-  for c in ids:
-    y = clients[c].mask(updates[c], weights[c], keys, frac_bits)
+    y = rnd.mask(c, updates[c], weights[c])
     if c not in dropped:
-      server.add_masked(c, y)
-
-  server.require_quorum()
-  gone = set(server.dropped)
-  revealed = {o: [clients[h].reveal(o, dropped=o in gone) for h in server.survivors] for o in ids}
-  weighted_sum, total_weight = server.aggregate(revealed)
+      rnd.receive(c, y)
+  weighted_sum, total_weight = rnd.unmask()
   if not total_weight > 0:
     raise SecAggError("total weight of the surviving clients is 0; cannot average")
-  survivors = server.survivors
+  survivors = rnd.server.survivors
   max_abs = max((float(np.max(np.abs(np.asarray(updates[c], np.float64)), initial=0.0))
                  for c in survivors), default=0.0)
   return SecAggResult(
       mean=weighted_sum / total_weight, total_weight=total_weight, survivors=survivors,
-      dropped=server.dropped,
+      dropped=rnd.server.dropped,
       quantization_bound=quantization_bound(len(survivors), frac_bits, max_abs, total_weight),
-      masked=server.masked)
+      masked=rnd.server.masked)
