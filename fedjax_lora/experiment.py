@@ -232,7 +232,7 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   if workdir is not None:  # keep the base so the exported adapter has something to load onto
     out = hf_checkpoint.save_params(workdir / "base_model", cfg, base)
     tokenizer.save_pretrained(str(out))
-  log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, vocab {padded}")
+  log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}")
   return cfg, graphdef, base
 
 
