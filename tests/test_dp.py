@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fedjax_lora.algorithms import get_aggregator
-from fedjax_lora.client import (ClientConfig, _row_losses, clip_per_example, client_update,
-                                dp_gradient)
+from fedjax_lora.client import ClientConfig, _row_losses, client_update
+from fedjax_lora.privacy.dp_sgd import clip_per_example, dp_gradient
 from models.lora import LoraAdapter
 from tests.test_client import tiny  # noqa: F401  (the shared tiny model and ragged batch)
 
