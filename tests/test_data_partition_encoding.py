@@ -96,6 +96,24 @@ def test_encoding_pads_to_a_bucket(byte_tok):
   assert arrays.bucket_size(700, cap=800) == 800
 
 
+def test_training_and_decoding_buckets_are_one_functions_values(byte_tok):
+  from fedjax_lora.eval import decoding
+  assert decoding.bucket_size is arrays.bucket_size  # decoding calls the one rule
+  for n in range(1, 2100):
+    # Decoding pads a prompt to the bucket a training sequence of n tokens gets (uncapped).
+    assert decoding.prompt_bucket(n) == arrays.bucket_size(n) >= max(n, 16)
+    assert arrays.bucket_size(n, cap=800) == min(800, decoding.prompt_bucket(n))
+    # The rows of a last decoding batch: the same rule with minimum 1, capped at the batch.
+    assert decoding.batch_sizes(n, 16)[-1] == arrays.bucket_size(n % 16 or 16, minimum=1,
+                                                                cap=16)
+  assert [arrays.bucket_size(n) for n in (0, 1, 16, 17, 100, 128, 129)] == \
+      [16, 16, 16, 32, 128, 128, 256]
+  for examples in (_examples()[:1], _examples()):  # training: the longest row's bucket
+    arr = arrays.to_arrays(encoding.encode(examples, byte_tok, 800), 0, 800)
+    longest = int(arr.attention_mask.sum(axis=1).max())
+    assert arr.tokens.shape[1] == min(800, decoding.prompt_bucket(longest))
+
+
 def _rows(n, length, first_token):
   tokens = np.arange(first_token, first_token + n * length, dtype=np.int32).reshape(n, length)
   attention = np.ones((n, length), bool)
