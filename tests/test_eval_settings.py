@@ -1,4 +1,4 @@
-"""Generation-based evaluation: labels from prompts, batched decoding, the settings runner."""
+"""Generation-based evaluation: labels from the examples, batched decoding, the settings runner."""
 
 import json
 

@@ -34,6 +34,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def examples_fingerprint(examples: Sequence[Example]) -> str:
+  """Hashes what gets tokenized (prompt and target); an Example's label lists are not
+  included: they never reach the tokens, and its prompt already spells them out."""
   h = hashlib.sha256()
   for ex in examples:
     for part in (ex.prompt, ex.target):
