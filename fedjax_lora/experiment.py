@@ -21,7 +21,7 @@ from fedjax_lora import mesh as mesh_lib
 from fedjax_lora.aggregators import Aggregator
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
 from fedjax_lora.client import steps_per_round
-from fedjax_lora.data import prepare
+from fedjax_lora.data import prepare, sites as sites_lib
 from fedjax_lora.privacy import accounting
 from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_config
 from fedjax_lora.errors import ConfigError
@@ -112,13 +112,6 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
                       "config.security.secure_aggregation=True")
 
 
-def _site_names(config) -> list[str]:
-  part = config.data.get("partition", {}) or {}
-  if part.get("kind", "natural") == "natural":
-    return [n for n, s in config.data.sites.items() if s.get("role", "train") == "train"]
-  return [f"site{i}" for i in range(int(part.get("num_sites", 0)))]
-
-
 def check_config(config) -> None:
   """Fails fast on settings that cannot work, naming the config field."""
   if config.algorithm not in ALGORITHMS:
@@ -154,18 +147,15 @@ def check_config(config) -> None:
                       f"got {run.best_metric!r}")
   if run.best_mode not in ("min", "max"):
     raise ConfigError(f"config.run.best_mode must be 'min' or 'max', got {run.best_mode!r}")
-  part = config.data.get("partition", {}) or {}
-  if part.get("kind", "natural") == "natural":
-    n_sites = sum(1 for s in config.data.sites.values() if s.get("role", "train") == "train")
-  else:
-    n_sites = int(part.get("num_sites", 0))
+  site_names = sites_lib.training_site_names(config.data)
+  n_sites = len(site_names)
   if run.clients_per_round > n_sites:
     raise ConfigError(f"config.run.clients_per_round={run.clients_per_round} but the data "
                       f"config has only {n_sites} training sites")
   if ranks and len(ranks) != n_sites:
     raise ConfigError(f"config.lora.site_ranks has {len(ranks)} entries for {n_sites} sites")
   _check_privacy(config, config.algorithm)
-  _check_security(config, config.algorithm, _site_names(config))
+  _check_security(config, config.algorithm, site_names)
 
 
 def base_path(config, log=print) -> Path | None:

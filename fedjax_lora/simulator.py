@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import batching, checkpointing, client_modes, comm, faults, files
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
-from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.data.arrays import SiteArrays, common_length, validation_chunks
 from fedjax_lora.errors import ConfigError, ResumeError
 from fedjax_lora.eval.report import f1_line
 from fedjax_lora.privacy import accounting
@@ -77,29 +76,12 @@ def sample_clients(num_sites: int, run: RunConfig, round_index: int):
   return idx, present
 
 
-def _pad_length(arrays: list[SiteArrays]) -> int:
-  return max(a.tokens.shape[1] for a in arrays)
-
-
 def server_validation_set(sites: list[SiteData], per_site: int, chunk: int, length: int):
   """The first `per_site` dev examples of every training site, chunked [C, chunk, L]."""
-  rows = []
   for s in sites:
     if s.dev is None or len(s.dev) == 0:
       raise ConfigError(f"site {s.name} has no dev split for the server validation set")
-    n = min(per_site, len(s.dev))
-    rows.append(batching.gather(s.dev, np.arange(n), length))
-  stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-  total = stacked["tokens"].shape[0]
-  chunks = math.ceil(total / chunk)
-  pad = chunks * chunk - total
-  out = {}
-  for k, v in stacked.items():
-    fill = np.zeros((pad,) + v.shape[1:], v.dtype)
-    if k == "attention_mask":
-      fill[:, 0] = True
-    out[k] = np.concatenate([v, fill]).reshape((chunks, chunk) + v.shape[1:])
-  return out
+  return validation_chunks([s.dev for s in sites], per_site, chunk, length)
 
 
 class Federation:
@@ -138,7 +120,7 @@ class Federation:
                         f"({max(site_ranks)})")
     if algorithm.local_adapter and local_spec is None:
       raise ConfigError("dual_lora needs a local adapter spec (config.lora.local_rank)")
-    self.length = _pad_length([s.train for s in sites] + [s.dev for s in sites if s.dev])
+    self.length = common_length([s.train for s in sites] + [s.dev for s in sites if s.dev])
     self.val = None
     if algorithm.needs_validation or run.val_examples_per_site:
       if algorithm.needs_validation and not run.val_examples_per_site:

@@ -93,6 +93,24 @@ def test_pooled_partitions_are_disjoint_and_covering(kind):
   assert {n: s.documents for n, s in again.items()} == {n: s.documents for n, s in pooled.items()}
 
 
+def _training_sites(plan_sites):
+  return [n for n, s in plan_sites.items() if s.role == "train"]
+
+
+def test_site_names_come_from_the_config_as_the_prepared_data_names_them(prepared):
+  _, data = prepared
+  assert sites_lib.training_site_names(_config()) == _training_sites(data.sites)
+  # Held-out sites (external, new_site) are named in the config but never train.
+  import configs.evaluate as evaluate_config
+  held_out = evaluate_config.get_config().data
+  names = sites_lib.training_site_names(held_out)
+  assert names == _training_sites(sites_lib.build_sites(held_out).sites)
+  assert len(names) == 3 and "telegraphic_clinic_2" not in names
+  pooled = _config(kind="iid", num_sites=3)
+  assert sites_lib.training_site_names(pooled) == \
+      _training_sites(sites_lib.build_sites(pooled).sites) == ["site0", "site1", "site2"]
+
+
 def test_train_cap_is_counted():
   c = _config()
   c.sites.narrative_hospital.max_train_examples = 50

@@ -27,7 +27,6 @@ them into the claim table with bootstrap intervals (eval/claims.py).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 import time
@@ -40,7 +39,7 @@ import numpy as np
 from flax import serialization
 
 from fedjax_lora import comm, experiment, files
-from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.data.arrays import pool, take_rows
 from fedjax_lora.eval import bootstrap, plots, report
 from fedjax_lora.eval import claims as claims_lib
 from fedjax_lora.eval import summary_plots
@@ -115,28 +114,6 @@ def check_eval_config(config) -> None:
     raise ConfigError("config.eval.max_examples_per_task and round_examples_per_task must "
                       "be >= 0 (0 = all / off)")
   decode_config(ev)
-
-
-def take_rows(arrays: SiteArrays, n: int) -> SiteArrays:
-  """The first n examples (training splits are already shuffled when built)."""
-  return dataclasses.replace(arrays, tokens=arrays.tokens[:n],
-                             attention_mask=arrays.attention_mask[:n],
-                             loss_mask=arrays.loss_mask[:n],
-                             prompt_lengths=arrays.prompt_lengths[:n],
-                             truncated=0, without_targets=0)  # not tracked per row
-
-
-def pool(arrays: list[SiteArrays]) -> SiteArrays:
-  """All rows of several sites, padded to the longest length (centralized training)."""
-  length = max(a.tokens.shape[1] for a in arrays)
-
-  def pad(x, fill=0):
-    return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=fill)
-  return SiteArrays(np.concatenate([pad(a.tokens) for a in arrays]),
-                    np.concatenate([pad(a.attention_mask) for a in arrays]),
-                    np.concatenate([pad(a.loss_mask) for a in arrays]),
-                    np.concatenate([a.prompt_lengths for a in arrays]),
-                    sum(a.truncated for a in arrays), sum(a.without_targets for a in arrays))
 
 
 class SettingsRun:
