@@ -22,7 +22,7 @@ from fedjax_lora.aggregators import Aggregator
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
 from fedjax_lora.client import steps_per_round
 from fedjax_lora.data import prepare, sites as sites_lib
-from fedjax_lora.privacy import accounting
+from fedjax_lora.privacy import accounting, secagg
 from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_config
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.security.config import SecurityConfig
@@ -92,9 +92,10 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
           f"{alg_name}: {why}, and "
           "the server never sees one under secure aggregation. Compatible: "
           f"{', '.join(a for a in sorted(ALGORITHMS) if secagg_compatible(a))}")
-    if config.run.clients_per_round == 1 or len(sites) < 2:
-      raise ConfigError("config.security.secure_aggregation needs at least 2 clients per "
-                        "round: the sum of one update is that update")
+    if config.run.clients_per_round == 1 or len(sites) < secagg.MIN_SURVIVORS:
+      raise ConfigError(f"config.security.secure_aggregation needs at least "
+                        f"{secagg.MIN_SURVIVORS} clients per round: the sum of one update is "
+                        "that update")
     if sec["max_update_norm"] > 0:
       raise ConfigError("config.security.max_update_norm cannot be checked under "
                         "secure_aggregation (the server never sees an individual update); "
@@ -237,6 +238,19 @@ def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggr
   return alg.make_aggregator(**options)
 
 
+def _client_config(alg, config, example_clip: float, example_noise: float):
+  """alg's client behaviour with config.client's settings and DP-SGD's clip and noise."""
+  try:
+    return alg.client_config(**group(config, "client"), dp_clip=example_clip,
+                             dp_noise_multiplier=example_noise,
+                             # DP-SGD bounds each example's influence, so each example
+                             # weighs the same (a token-weighted mean would not have that
+                             # sensitivity)
+                             loss_weighting="examples" if example_clip > 0 else "tokens")
+  except TypeError as e:  # a field config.client has that ClientConfig does not
+    raise ConfigError(f"config.client: {e}") from None
+
+
 def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
   """(example-level sigma, client-level sigma): as configured, or calibrated so that the
   planned run (every site in every round) ends at the target epsilon."""
@@ -301,16 +315,9 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
     spec = lora_spec(lc)
     local_spec = lora_spec(lc, local=True) if alg.local_adapter else None
     spec.layer_indices(model_cfg.num_layers)
-    client = alg.client_config(**config.client.to_dict(), dp_clip=pv["example_clip"],
-                               dp_noise_multiplier=example_noise,
-                               # DP-SGD bounds each example's influence, so each example
-                               # weighs the same (a token-weighted mean would not have that
-                               # sensitivity)
-                               loss_weighting="examples" if pv["example_clip"] > 0 else "tokens")
+    client = _client_config(alg, config, pv["example_clip"], example_noise)
     aggregator = _aggregator(config, alg, client_noise, m)
     plan = faults_lib.parse_faults(ft["sites"], train_sites, ft["scale"], ft["start_round"])
-  except TypeError as e:  # a field config.client has that ClientConfig does not
-    raise ConfigError(f"config.client: {e}") from None
   except ValueError as e:
     raise ConfigError(str(e)) from None
   ledger = bool(sec["ledger"]) and workdir is not None

@@ -102,7 +102,8 @@ def _take(tree, idx):
 # A site's part of a round: from the global adapter, the server's broadcast state (SCAFFOLD's
 # control), its own state and its batches, train locally and produce what it sends and what
 # it keeps. `site_update` is one site in plain form (what a deployed site runs);
-# `train_clients` runs the same pieces over the round's stacked sites in one program.
+# `train_clients` runs its two pieces (`_site_train` over the client axis, then `_controls`
+# vmapped) over the round's stacked sites in one program.
 
 def site_state(sites: dict, idx) -> dict:
   """The round's sites' own state (personal factors, local adapter, control, optimizer
@@ -229,8 +230,11 @@ def server_aggregate(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, 
                      secure_delta=None):
   """Server side of a round: quarantine, validation weights, aggregation.
 
-  uploads: {"global": the sites' stacked uploads, "local": their local adapters (scored on
-  the validation set only), "control_delta": SCAFFOLD's control changes}. `present` is who
+  uploads: {"global": the sites' stacked trained global adapters (the aggregator and the
+  checks read only the factors it `sends`), "local": their local adapters (only when the
+  validation weighting scores the personalised model), "control_delta": SCAFFOLD's control
+  changes}. num_sites: N, every site of the federation (SCAFFOLD's 1/N when sites keep
+  state), else the round's sampled count. `present` is who
   reported back (and, with signed uploads, whose signature verified). With secure
   aggregation the server never sees the uploads: `secure_delta` is the weighted mean update
   the protocol revealed, aggregated as a single client. Returns (state, accepted, metrics):
@@ -295,7 +299,8 @@ def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, b
   # Aggregators that count all sites (SCAFFOLD's 1/N) see N when sites keep state.
   num_sites = jax.tree.leaves(sites)[0].shape[0] if jax.tree.leaves(sites) else idx.shape[0]
   trained = client_out["trained"]
-  uploads = {"global": trained["global"], "local": trained.get("local"),
+  uploads = {"global": trained["global"],
+             "local": trained.get("local") if spec.algorithm.needs_validation else None,
              "control_delta": client_out.get("control_delta")}
   state, accepted, metrics = server_aggregate(
       spec, aggregator, graphdef, base, state, uploads, present, token_counts, val, num_sites,

@@ -351,7 +351,8 @@ class Federation:
     """The sites' keys (their side), then the server's registry and ledger."""
     if self.workdir is not None:
       self.site_side.start(self.workdir / "identity")
-    self.guard.start(self.initial_state()["global"], resumed_round)
+    initial = self.initial_state()["global"] if self.security.ledger else None  # genesis
+    self.guard.start(initial, resumed_round)
 
   def _check_uploads(self, r, idx, present, global_params, client_out):
     """The wire between training and aggregation: the server opens the protocol round, the

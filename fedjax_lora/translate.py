@@ -1,8 +1,9 @@
 """The one translation from an ml_collections run config to the library's typed settings.
 
 Defaults live only in `configs/` (a config is `configs.federate.get_config()` or derives
-from it); the library reads a config's groups here and nowhere else builds a `LoraSpec`,
-`RunConfig` or tiny `LlamaConfig` from one. A group missing from a config is an error that
+from it); the library reads a run config's groups here, and builds its `LoraSpec`,
+`RunConfig` and tiny `LlamaConfig` only here (the benchmark's own shape configs,
+configs/benchmark.py, are translated in fedjax_lora/bench/workload.py). A group missing from a config is an error that
 names it, not a silent default.
 """
 

@@ -41,7 +41,9 @@ def test_site_and_server_parts_called_apart_give_the_compiled_rounds_adapter(dat
     owns.append(own)
 
   # The server: only the uploads (no site state), then its decision.
-  uploads = _stack([{"global": o["trained"]["global"], "local": o["trained"].get("local"),
+  validated = fed.algorithm.needs_validation
+  uploads = _stack([{"global": o["trained"]["global"],
+                     "local": o["trained"].get("local") if validated else None,
                      "control_delta": o["control_delta"]} for o in outs])
   num_sites = len(fed.sites) if jax.tree.leaves(state["sites"]) else len(idx)
   server_fn = jax.jit(functools.partial(rounds.server_aggregate, spec, fed.aggregator,

@@ -268,7 +268,7 @@ def test_an_edited_signature_is_found_even_in_a_rehashed_chain(replay_run, tmp_p
 
 
 def test_resume_without_the_ledger_it_needs_moves_nothing(replay_run, data, tmp_path):
-  from fedjax_lora.simulator import ResumeError
+  from fedjax_lora.errors import ResumeError
   workdir = _copy(replay_run, tmp_path)
   (workdir / ledger_lib.FILENAME).unlink()
   fed = build(data, workdir=workdir, **{"run.rounds": 2, "security.keep_uploads": True,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from fedjax_lora.data.records import DataError
 from models.tokenizer import chat_end_of_turn
 from fedjax_lora.errors import TemplateError
 

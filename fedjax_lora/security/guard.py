@@ -11,7 +11,6 @@ workdir, the site names, the aggregator record, the settings) and never sees a s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -187,7 +186,7 @@ class RoundGuard:
       elif name in rnd.ids:
         accepted[i] = False
     try:
-      total, weight = rnd.unmask()
+      rnd.server.require_quorum()  # below the threshold nothing may be revealed
     except secagg.SecAggError as e:
       self.log(f"round {r}: secure aggregation failed ({e}); the global adapter stays")
       for i, name in enumerate(names):
@@ -195,6 +194,7 @@ class RoundGuard:
           report["masking"][name] = "no_quorum"
       accepted[:] = False
       return zeros
+    total, weight = rnd.unmask()
     mean = total / weight
     survivors = rnd.server.survivors
     # Simulation diagnostics, computed with what the server never sees (the individual
