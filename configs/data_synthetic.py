@@ -1,6 +1,6 @@
 """The embedded default: three synthetic clinical-note sites (no files needed).
 
-Sites differ in writing style, vocabulary and label mix (fedjax_lora/data/synthetic.py).
+Sites differ in writing style, vocabulary and label mix (fedjax_lora/data/synthetic/).
 Labels are the paper's NER types with its definitions (method.md §6); relations are the
 paper's modifier types. With a base model the base's own tokenizer is used; without one
 (a tiny random model) a small BPE is trained here, so nothing is downloaded.

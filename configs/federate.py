@@ -76,8 +76,10 @@ def tiny_config() -> ml_collections.ConfigDict:
   ))
   c.aggregator = ml_collections.ConfigDict(dict(
       gamma=0.0, temperature=1.0,            # fedmedlora_plus: p ∝ n^gamma exp(-L/T)
-      # fedavgm / fedadam / fedyogi / fedadagrad / scaffold. server_lr 0 = the aggregator's
-      # own default (1.0 for fedavgm and scaffold, 0.1 for the adaptive ones, as in Flower)
+      # fedavgm / fedadam / fedyogi / fedadagrad / scaffold / dp_fedavg (server_lr only).
+      # server_lr 0 = the aggregator's own default (1.0 for fedavgm, scaffold and
+      # dp_fedavg, 0.1 for the adaptive ones, as in Flower). Each aggregator takes the
+      # fields its factory names (fedjax_lora/algorithms.py).
       server_lr=0.0, momentum=0.9, beta1=0.9, beta2=0.99, tau=1e-3,
       trim=0.1, max_norm=1.0,                # trimmed_mean, norm_clip
   ))

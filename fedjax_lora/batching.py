@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedjax_lora.client import steps_per_round
-from fedjax_lora.data.encoding import SiteArrays
-
-PAD_ROW = -1
+from fedjax_lora.data.arrays import PAD_ROW, SiteArrays, gather
 
 
 def example_order(num_examples: int, batch_size: int, accumulation: int, epochs: int,
@@ -27,30 +25,6 @@ def example_order(num_examples: int, batch_size: int, accumulation: int, epochs:
     order[:num_examples] = rng.permutation(num_examples)
     plans.append(order.reshape(steps_per_epoch, accumulation, batch_size))
   return np.concatenate(plans)
-
-
-def gather(arrays: SiteArrays, index: np.ndarray, length: int) -> dict[str, np.ndarray]:
-  """Rows of a site's arrays at `index` (any shape), padded/cut to `length` tokens.
-
-  Padding rows attend to their first position only (an all-masked row would give NaN
-  attention) and carry no loss.
-  """
-  flat = index.reshape(-1)
-  real = flat != PAD_ROW
-  take = np.where(real, flat, 0)
-  L = arrays.tokens.shape[1]
-  if length < L:
-    raise ValueError(f"sequence length {length} shorter than the site's arrays ({L})")
-  out = {}
-  for name, src, fill in (("tokens", arrays.tokens, 0),
-                          ("attention_mask", arrays.attention_mask, False),
-                          ("loss_mask", arrays.loss_mask, 0.0)):
-    rows = np.full((flat.size, length), fill, src.dtype)
-    rows[:, :L] = src[take]
-    rows[~real] = fill
-    out[name] = rows.reshape(index.shape + (length,))
-  out["attention_mask"].reshape(-1, length)[~real, 0] = True
-  return out
 
 
 def round_batches(sites: list[SiteArrays], batch_size: int, accumulation: int, epochs: int,

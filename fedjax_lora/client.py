@@ -9,10 +9,10 @@ The optimizer follows the paper's released code (HF Trainer defaults): AdamW, lr
 linear warmup over 5% of the round's steps then cosine decay to 0, grad-norm clip 1.0,
 a fresh optimizer state every round unless the caller passes one in.
 
-Example-level DP-SGD (Abadi et al. 2016, method.md §11.8) is on when `dp_clip > 0`: each
-step's gradient becomes the sum of per-example gradients clipped to L2 norm `dp_clip`, plus
-Gaussian noise N(0, (σ C)^2), divided by the fixed (public) batch size A·B. The optimizer
-and `grad_clip` then act on that privatised gradient (post-processing).
+A step's gradient comes from the estimator `gradient_estimator` picks from the config before
+the scan (`fedjax_lora/gradients.py`): the token mean, the example mean, or example-level
+DP-SGD when `dp_clip > 0` (`fedjax_lora/privacy/dp_sgd.py`), so the step body does not
+branch on them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lora import gradients
+from fedjax_lora.gradients import GradientEstimator
 from fedjax_lora.losses import causal_lm_loss
+from fedjax_lora.privacy import dp_sgd
 from models import llama
 from models.lora import LoraAdapter, LoraSpec
 
@@ -56,20 +59,7 @@ class ClientConfig:
     if self.loss_weighting not in ("tokens", "examples"):
       raise ValueError(f"option loss_weighting={self.loss_weighting!r}: must be 'tokens' or "
                        f"'examples'")
-    clip, sigma = float(self.dp_clip), float(self.dp_noise_multiplier)
-    if not clip >= 0:  # also rejects NaN
-      raise ValueError(f"option dp_clip={self.dp_clip!r}: must be >= 0 (0 = off, inf = no clip)")
-    if not (sigma >= 0 and math.isfinite(sigma)):
-      raise ValueError(f"option dp_noise_multiplier={self.dp_noise_multiplier!r}: must be a "
-                       f"finite number >= 0")
-    if sigma > 0 and not (clip > 0 and math.isfinite(clip)):
-      raise ValueError(f"option dp_noise_multiplier={sigma!r} needs a finite dp_clip > 0 "
-                       f"(the noise is calibrated to the clip), got dp_clip={self.dp_clip!r}")
-    if clip > 0 and self.loss_weighting != "examples":
-      # DP-SGD bounds each example's contribution, so examples weigh equally by construction;
-      # asking for token weighting as well would silently not happen.
-      raise ValueError(f"option dp_clip={self.dp_clip!r} (DP-SGD) weights every example equally; "
-                       f"set loss_weighting='examples' (got {self.loss_weighting!r})")
+    dp_sgd.check_options(self.dp_clip, self.dp_noise_multiplier, self.loss_weighting)
 
   @property
   def dp(self) -> bool:
@@ -126,62 +116,27 @@ def _row_losses(graphdef, base, adapters, batch):
   return jax.vmap(one)(logits, batch["tokens"], batch["loss_mask"])
 
 
-def clip_per_example(grads, clip):
-  """Scales each per-example gradient (leading axis [B]) to global L2 norm <= clip.
+def gradient_estimator(cfg: ClientConfig, graphdef, base: dict, specs: dict[str, LoraSpec],
+                       names: list[str], masks: dict, rng) -> GradientEstimator:
+  """The estimator of a step's gradient for `cfg`, chosen once per program, before the scan.
 
-  The norm is over every leaf together, so callers pass gradients already multiplied by
-  their factor masks: only factors that are actually trained count. Returns
-  (clipped grads, norms [B]); `clip` may be inf (no clipping).
+  DP-SGD (`cfg.dp`) clips and noises per-example gradients; otherwise the gradient of the
+  token mean (`loss_weighting="tokens"`) or of the example mean ("examples"). `names`
+  orders the adapters of the trainable dict; `masks` are its factor masks (DP-SGD clips and
+  noises the trained factors only); `rng` keys DP-SGD's noise.
   """
-  leaves = jax.tree.leaves(grads)
-  sq = sum(jnp.sum(jnp.square(l.astype(jnp.float32)).reshape(l.shape[0], -1), axis=1)
-           for l in leaves)
-  norms = jnp.sqrt(sq)
-  scale = jnp.minimum(1.0, clip / jnp.maximum(norms, 1e-30))
-  clipped = jax.tree.map(lambda g: (g * scale.reshape((-1,) + (1,) * (g.ndim - 1))
-                                    ).astype(g.dtype), grads)
-  return clipped, norms
+  def adapters(params):
+    return [LoraAdapter(params[n], specs[n]) for n in names]
 
+  def row_losses(params, micro):
+    return _row_losses(graphdef, base, adapters(params), micro)
 
-def gaussian_noise(key, tree, std, masks=None):
-  """N(0, std^2) in every coordinate of `tree`'s leaves, zero where `masks` is 0."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  noise = [(std * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype)
-           for k, l in zip(keys, leaves)]
-  noise = jax.tree.unflatten(treedef, noise)
-  return noise if masks is None else jax.tree.map(jnp.multiply, noise, masks)
-
-
-def dp_gradient(per_example_loss, params, batch, masks, cfg: ClientConfig, key):
-  """One DP-SGD step gradient over a step's micro-batches ([A, B, ...] leaves).
-
-  per_example_loss(params, row) -> (mean token loss, supervised tokens) for one row (leaves
-  without the B axis). Each per-example gradient is masked, clipped to cfg.dp_clip, summed
-  over all A·B rows, noised with N(0, (sigma C)^2) on the trained coordinates only, and
-  divided by A·B, the fixed batch size (public, unlike the number of real rows). Rows with
-  no supervised token have loss 0, hence zero gradient. Returns (grad, aux) with aux =
-  (token loss sum, tokens, real examples, clipped real examples).
-  """
-  grad_row = jax.vmap(jax.value_and_grad(per_example_loss, has_aux=True), in_axes=(None, 0))
-  a, b = jax.tree.leaves(batch)[0].shape[:2]
-
-  def micro_step(acc, micro):
-    (mean, count), grads = grad_row(params, micro)
-    grads = jax.tree.map(lambda g, m: g * m, grads, masks)
-    grads, norms = clip_per_example(grads, cfg.dp_clip)
-    real = count > 0
-    stats = (jnp.sum(mean * count), jnp.sum(count), jnp.sum(real.astype(jnp.float32)),
-             jnp.sum((real & (norms > cfg.dp_clip)).astype(jnp.float32)))
-    summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
-    return jax.tree.map(jnp.add, acc, (summed, stats)), None
-
-  zeros = (jax.tree.map(jnp.zeros_like, params), (jnp.float32(0),) * 4)
-  (total, stats), _ = jax.lax.scan(micro_step, zeros, batch)
-  if cfg.dp_noise_multiplier > 0:
-    noise = gaussian_noise(key, total, cfg.dp_noise_multiplier * cfg.dp_clip, masks)
-    total = jax.tree.map(jnp.add, total, noise)
-  return jax.tree.map(lambda g: g / (a * b), total), stats
+  if cfg.dp:
+    return dp_sgd.estimator(row_losses, masks, cfg, rng)
+  if cfg.loss_weighting == "examples":
+    return gradients.example_weighted(row_losses)
+  return gradients.token_weighted(
+      lambda params, micro: _sequence_loss(graphdef, base, adapters(params), micro))
 
 
 def client_update(graphdef, base: dict, trainable: dict, specs: dict[str, LoraSpec],
@@ -201,53 +156,17 @@ def client_update(graphdef, base: dict, trainable: dict, specs: dict[str, LoraSp
                for n in names}
   masks = {n: _factor_mask(trainable[n], cfg.train_factors if n == "global" else ("a", "b"))
            for n in names}
-  if cfg.dp and cfg.dp_noise_multiplier > 0 and rng is None:
-    raise ValueError("client_update: dp_noise_multiplier > 0 needs an rng key for the noise")
+  estimator = gradient_estimator(cfg, graphdef, base, specs, names, masks, rng)
   tx = optimizer(cfg)
   opt_state = tx.init(trainable) if opt_state is None else opt_state
   total = jnp.sum(step_mask.astype(jnp.int32))
 
-  def loss_fn(params, micro):
-    adapters = [LoraAdapter(params[n], specs[n]) for n in names]
-    return _sequence_loss(graphdef, base, adapters, micro)
-
-  def example_loss_fn(params, micro):
-    """Sum of row mean losses (the objective), with (token loss sum, tokens, real rows)."""
-    adapters = [LoraAdapter(params[n], specs[n]) for n in names]
-    mean, count = _row_losses(graphdef, base, adapters, micro)
-    return jnp.sum(mean), (jnp.sum(mean * count), jnp.sum(count),
-                           jnp.sum((count > 0).astype(jnp.float32)))
-
-  def row_loss_fn(params, row):
-    adapters = [LoraAdapter(params[n], specs[n]) for n in names]
-    mean, count = _row_losses(graphdef, base, adapters, jax.tree.map(lambda x: x[None], row))
-    return mean[0], count[0]
-
   def one_step(carry, xs):
-    params, state, i, lr_sum, clip_acc = carry
-    batch, active, index = xs
+    params, state, i, lr_sum, stats = carry
+    batch, active, step_input = xs
 
-    if cfg.dp:
-      key = jax.random.fold_in(rng, index)
-      grads, (loss_sum, count, real, clipped) = dp_gradient(row_loss_fn, params, batch, masks,
-                                                            cfg, key)
-      clip_acc = clip_acc + jnp.where(active, jnp.stack([clipped, real]), 0.0)
-    elif cfg.loss_weighting == "examples":
-      def micro_step(acc, micro):
-        (_, aux), grads = jax.value_and_grad(example_loss_fn, has_aux=True)(params, micro)
-        return jax.tree.map(jnp.add, acc, (aux, grads)), None
-
-      zeros = ((jnp.float32(0),) * 3, jax.tree.map(jnp.zeros_like, params))
-      ((loss_sum, count, real), grads), _ = jax.lax.scan(micro_step, zeros, batch)
-      grads = jax.tree.map(lambda g: g / jnp.maximum(real, 1.0), grads)
-    else:
-      def micro_step(acc, micro):
-        (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro)
-        return jax.tree.map(jnp.add, acc, (loss_sum, count, grads)), None
-
-      zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
-      (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, batch)
-      grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+    grads, (loss_sum, count), step_stats = estimator.grad(params, batch, step_input)
+    stats = jax.tree.map(lambda acc, s: acc + jnp.where(active, s, 0.0), stats, step_stats)
     if cfg.prox_mu and anchor is not None:
       grads["global"] = jax.tree.map(lambda g, w, w0: g + cfg.prox_mu * (w - w0),
                                      grads["global"], params["global"], anchor)
@@ -266,21 +185,16 @@ def client_update(graphdef, base: dict, trainable: dict, specs: dict[str, LoraSp
     state = jax.tree.map(keep, new_state, state)
     i = i + active.astype(jnp.int32)
     lr_sum = lr_sum + jnp.where(active, lr, 0.0)
-    return (params, state, i, lr_sum, clip_acc), (jnp.where(active, loss_sum, 0.0),
-                                                  jnp.where(active, count, 0.0))
+    return (params, state, i, lr_sum, stats), (jnp.where(active, loss_sum, 0.0),
+                                               jnp.where(active, count, 0.0))
 
-  # The step index (noise keys) and the clip counters exist only with DP: the plain path
-  # scans exactly what it did before.
-  index = jnp.arange(step_mask.shape[0], dtype=jnp.int32) if cfg.dp else None
-  clip_acc = jnp.zeros((2,), jnp.float32) if cfg.dp else ()
-  init = (trainable, opt_state, jnp.int32(0), jnp.float32(0), clip_acc)
-  (trained, opt_state, steps, lr_sum, clip_acc), (losses, counts) = jax.lax.scan(
-      one_step, init, (batches, step_mask, index))
+  init = (trainable, opt_state, jnp.int32(0), jnp.float32(0), estimator.stats)
+  xs = (batches, step_mask, estimator.step_inputs(step_mask.shape[0]))
+  (trained, opt_state, steps, lr_sum, stats), (losses, counts) = jax.lax.scan(one_step, init, xs)
   tokens = jnp.sum(counts)
   metrics = {"train_loss": jnp.sum(losses) / jnp.maximum(tokens, 1.0), "train_tokens": tokens,
              "steps": steps, "lr_sum": lr_sum}
-  if cfg.dp:
-    metrics["dp_clipped_fraction"] = clip_acc[0] / jnp.maximum(clip_acc[1], 1.0)
+  metrics.update(estimator.metrics(stats))
   return trained, opt_state, metrics
 
 

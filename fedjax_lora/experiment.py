@@ -9,68 +9,42 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from configs import federate as federate_defaults
-from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import client_modes
 from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
+from fedjax_lora.aggregators import Aggregator
 from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
-from fedjax_lora.client import ClientConfig, steps_per_round
-from fedjax_lora.data import prepare
-from fedjax_lora.privacy import accounting
-from fedjax_lora.simulator import ConfigError, Federation, RunConfig, SecurityConfig, SiteData
+from fedjax_lora.client import steps_per_round
+from fedjax_lora.data import prepare, sites as sites_lib
+from fedjax_lora.privacy import accounting, secagg
+from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_config
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.security.config import SecurityConfig
+from fedjax_lora.simulator import Federation, SiteData
 from models import checkpoints, hf_checkpoint, llama
 from models.config import LlamaConfig
-from models.lora import LoraSpec
 
 BEST_METRICS = ("val_loss", "mean_train_loss")
-# Which config.aggregator fields each aggregator takes (server_lr 0: the aggregator's default).
-AGGREGATOR_OPTIONS = {
-    "fedavgm": ("server_lr", "momentum"),
-    "fedadam": ("server_lr", "beta1", "beta2", "tau"),
-    "fedyogi": ("server_lr", "beta1", "beta2", "tau"),
-    "fedadagrad": ("server_lr", "beta1", "tau"),
-    "scaffold": ("server_lr",),
-    "trimmed_mean": ("trim",),
-    "norm_clip": ("max_norm",),
-}
-# Why an algorithm cannot run under secure aggregation, where the server learns nothing
-# but the weighted mean of the uploads (aggregators.base.COMBINES).
-SECAGG_WHY = {
-    "fedmedlora_plus": "it scores every site's adapter on the server validation set",
-    "median": "it takes coordinate-wise order statistics of individual updates",
-    "trimmed_mean": "it sorts individual updates per coordinate",
-    "norm_clip": "it needs each update's norm",
-    "dp_fedavg": "it clips each update on the server",
-    "scaffold": "it also aggregates individual control variates",
-    "flora": "it stacks individual factors", "flexlora": "it needs individual products",
-    "hetlora": "it weights sites by their own product norms",
-}
 
 
 def secagg_compatible(alg_name: str) -> bool:
   """The aggregator combines by a weighted mean, and nothing else looks at single uploads."""
-  alg = get_algorithm(alg_name)
-  combine = agg_lib.get_aggregator(alg.aggregator).combine
-  return combine in ("mean", "mean_then_step") and not alg.needs_validation
+  return not secagg_obstacle(get_algorithm(alg_name))
 
 
-def _group(config, name: str) -> dict:
-  """A config group as a dict of defaults + overrides (configs saved before it existed)."""
-  base = getattr(federate_defaults, f"{name}_config")().to_dict()
-  given = config.get(name)
-  return {**base, **(given.to_dict() if given is not None else {})}
+def secagg_obstacle(alg) -> str:
+  """Why `alg` cannot run under secure aggregation ("" when it can)."""
+  return alg.secagg_obstacle(alg.make_aggregator().combine)
 
 
 def _check_privacy(config, alg_name: str) -> None:
-  pv = _group(config, "privacy")
+  pv = group(config, "privacy")
   if not 0.0 < pv["delta"] < 1.0:
     raise ConfigError(f"config.privacy.delta must be in (0, 1), got {pv['delta']}")
   for prefix in ("example", "client"):
@@ -87,15 +61,17 @@ def _check_privacy(config, alg_name: str) -> None:
     raise ConfigError("config.privacy.example_clip must be > 0 for DP-SGD noise (it sets the "
                       "sensitivity)")
   client_dp = pv["client_noise"] > 0 or pv["client_target_epsilon"] > 0
-  if client_dp and alg_name != "dp_fedavg":
+  if client_dp and not get_algorithm(alg_name).client_dp:
     raise ConfigError("config.privacy.client_noise / client_target_epsilon apply to "
-                      f"config.algorithm=dp_fedavg only, not {alg_name}")
-  if alg_name == "dp_fedavg" and not pv["client_clip"] > 0:
-    raise ConfigError("config.algorithm=dp_fedavg needs config.privacy.client_clip > 0")
+                      f"config.algorithm="
+                      f"{'/'.join(n for n, a in ALGORITHMS.items() if a.client_dp)} only, "
+                      f"not {alg_name}")
+  if get_algorithm(alg_name).client_dp and not pv["client_clip"] > 0:
+    raise ConfigError(f"config.algorithm={alg_name} needs config.privacy.client_clip > 0")
 
 
 def _check_security(config, alg_name: str, sites: list[str]) -> None:
-  sec, ft = _group(config, "security"), _group(config, "faults")
+  sec, ft = group(config, "security"), group(config, "faults")
   if sec["max_update_norm"] < 0:
     raise ConfigError(f"config.security.max_update_norm must be >= 0, got "
                       f"{sec['max_update_norm']}")
@@ -109,16 +85,17 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
     raise ConfigError("config.security.keep_uploads needs config.security.ledger=True (the "
                       "ledger's hashes are what the stored uploads are checked against)")
   if sec["secure_aggregation"]:
-    if not secagg_compatible(alg_name):
-      aggregator = get_algorithm(alg_name).aggregator
+    why = secagg_obstacle(get_algorithm(alg_name))
+    if why:
       raise ConfigError(
           f"config.security.secure_aggregation cannot be combined with config.algorithm="
-          f"{alg_name}: {SECAGG_WHY.get(aggregator, 'it needs individual updates')}, and "
+          f"{alg_name}: {why}, and "
           "the server never sees one under secure aggregation. Compatible: "
           f"{', '.join(a for a in sorted(ALGORITHMS) if secagg_compatible(a))}")
-    if config.run.clients_per_round == 1 or len(sites) < 2:
-      raise ConfigError("config.security.secure_aggregation needs at least 2 clients per "
-                        "round: the sum of one update is that update")
+    if config.run.clients_per_round == 1 or len(sites) < secagg.MIN_SURVIVORS:
+      raise ConfigError(f"config.security.secure_aggregation needs at least "
+                        f"{secagg.MIN_SURVIVORS} clients per round: the sum of one update is "
+                        "that update")
     if sec["max_update_norm"] > 0:
       raise ConfigError("config.security.max_update_norm cannot be checked under "
                         "secure_aggregation (the server never sees an individual update); "
@@ -134,13 +111,6 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
   if "drop_after_masking" in kinds and not sec["secure_aggregation"]:
     raise ConfigError("config.faults.sites: drop_after_masking needs "
                       "config.security.secure_aggregation=True")
-
-
-def _site_names(config) -> list[str]:
-  part = config.data.get("partition", {}) or {}
-  if part.get("kind", "natural") == "natural":
-    return [n for n, s in config.data.sites.items() if s.get("role", "train") == "train"]
-  return [f"site{i}" for i in range(int(part.get("num_sites", 0)))]
 
 
 def check_config(config) -> None:
@@ -178,18 +148,15 @@ def check_config(config) -> None:
                       f"got {run.best_metric!r}")
   if run.best_mode not in ("min", "max"):
     raise ConfigError(f"config.run.best_mode must be 'min' or 'max', got {run.best_mode!r}")
-  part = config.data.get("partition", {}) or {}
-  if part.get("kind", "natural") == "natural":
-    n_sites = sum(1 for s in config.data.sites.values() if s.get("role", "train") == "train")
-  else:
-    n_sites = int(part.get("num_sites", 0))
+  site_names = sites_lib.training_site_names(config.data)
+  n_sites = len(site_names)
   if run.clients_per_round > n_sites:
     raise ConfigError(f"config.run.clients_per_round={run.clients_per_round} but the data "
                       f"config has only {n_sites} training sites")
   if ranks and len(ranks) != n_sites:
     raise ConfigError(f"config.lora.site_ranks has {len(ranks)} entries for {n_sites} sites")
   _check_privacy(config, config.algorithm)
-  _check_security(config, config.algorithm, _site_names(config))
+  _check_security(config, config.algorithm, site_names)
 
 
 def base_path(config, log=print) -> Path | None:
@@ -251,36 +218,43 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
       if not link.exists():
         link.symlink_to(path.resolve(), target_is_directory=True)
     return cfg, graphdef, base
-  padded = int(math.ceil(vocab_size / 64) * 64)
-  cfg = LlamaConfig(vocab_size=padded, hidden_size=m.hidden_size,
-                    intermediate_size=m.intermediate_size, num_layers=m.num_layers,
-                    num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                    head_dim=m.hidden_size // m.num_heads, max_position_embeddings=4096,
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id or 0, param_dtype=dtype, dtype=dtype,
-                    remat=m.remat, attention_impl=m.attention_impl or None)
+  cfg = tiny_model_config(m, vocab_size, tokenizer)
   graphdef, base = llama.init_model(cfg, seed=config.run.seed)
   if workdir is not None:  # keep the base so the exported adapter has something to load onto
     out = hf_checkpoint.save_params(workdir / "base_model", cfg, base)
     tokenizer.save_pretrained(str(out))
-  log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, vocab {padded}")
+  log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}")
   return cfg, graphdef, base
 
 
-def _aggregator(config, client_noise: float, expected_clients: int) -> agg_lib.Aggregator:
-  name = get_algorithm(config.algorithm).aggregator
-  options = {k: config.aggregator[k] for k in AGGREGATOR_OPTIONS.get(name, ())
-             if k != "server_lr" or config.aggregator[k] > 0}
-  if name == "dp_fedavg":
-    options.update(clip=_group(config, "privacy")["client_clip"], noise_multiplier=client_noise,
+def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggregator:
+  """alg's server rule with the config.aggregator fields its factory takes (server_lr 0:
+  the factory's own default) and, for client-level DP, config.privacy.client_*."""
+  options = {k: config.aggregator[k] for k in alg.option_names()
+             if k in config.aggregator and (k != "server_lr" or config.aggregator[k] > 0)}
+  if alg.client_dp:
+    options.update(clip=group(config, "privacy")["client_clip"], noise_multiplier=client_noise,
                    expected_clients=float(expected_clients))
-  return agg_lib.get_aggregator(name, **options)
+  return alg.make_aggregator(**options)
+
+
+def _client_config(alg, config, example_clip: float, example_noise: float):
+  """alg's client behaviour with config.client's settings and DP-SGD's clip and noise."""
+  try:
+    return alg.client_config(**group(config, "client"), dp_clip=example_clip,
+                             dp_noise_multiplier=example_noise,
+                             # DP-SGD bounds each example's influence, so each example
+                             # weighs the same (a token-weighted mean would not have that
+                             # sensitivity)
+                             loss_weighting="examples" if example_clip > 0 else "tokens")
+  except TypeError as e:  # a field config.client has that ClientConfig does not
+    raise ConfigError(f"config.client: {e}") from None
 
 
 def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
   """(example-level sigma, client-level sigma): as configured, or calibrated so that the
   planned run (every site in every round) ends at the target epsilon."""
-  pv, run = _group(config, "privacy"), config.run
+  pv, run = group(config, "privacy"), config.run
   example, client = pv["example_noise"], pv["client_noise"]
   if pv["example_target_epsilon"] > 0:
     per_step = run.batch_size * run.accumulation
@@ -331,31 +305,18 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   model_cfg, graphdef, base = model or load_model(config, len(tokenizer), workdir, tokenizer,
                                                   log)
   lc = config.lora
-  layers = tuple(lc.layers) or None
   ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
-  rank = lc.rank
-  pv, sec, ft = _group(config, "privacy"), _group(config, "security"), _group(config, "faults")
-  run = RunConfig(**config.run.to_dict())
+  pv, sec, ft = group(config, "privacy"), group(config, "security"), group(config, "faults")
+  run = run_config(config)
   m = run.clients_per_round or (max(1, round(run.client_fraction * len(sites)))
                                 if run.client_fraction else len(sites))
   example_noise, client_noise = dp_noise(config, sites, m, log)
   try:
-    spec = LoraSpec(rank=rank, alpha=lc.alpha, targets=lc.targets, layers=layers)
-    local_spec = (LoraSpec(rank=lc.local_rank, alpha=lc.local_alpha, targets=lc.targets,
-                           layers=layers) if alg.local_adapter else None)
+    spec = lora_spec(lc)
+    local_spec = lora_spec(lc, local=True) if alg.local_adapter else None
     spec.layer_indices(model_cfg.num_layers)
-    client = ClientConfig(learning_rate=config.client.learning_rate,
-                          warmup_fraction=config.client.warmup_fraction,
-                          schedule=config.client.schedule,
-                          weight_decay=config.client.weight_decay,
-                          grad_clip=config.client.grad_clip, train_factors=alg.train_factors,
-                          prox_mu=config.client.prox_mu if alg.prox else 0.0,
-                          scaffold=alg.scaffold, dp_clip=pv["example_clip"],
-                          dp_noise_multiplier=example_noise,
-                          # DP-SGD bounds each example's influence, so each example weighs
-                          # the same (a token-weighted mean would not have that sensitivity)
-                          loss_weighting="examples" if pv["example_clip"] > 0 else "tokens")
-    aggregator = _aggregator(config, client_noise, m)
+    client = _client_config(alg, config, pv["example_clip"], example_noise)
+    aggregator = _aggregator(config, alg, client_noise, m)
     plan = faults_lib.parse_faults(ft["sites"], train_sites, ft["scale"], ft["start_round"])
   except ValueError as e:
     raise ConfigError(str(e)) from None

@@ -98,61 +98,107 @@ def _take(tree, idx):
   return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree)
 
 
-def _scatter(tree, idx, values, present):
-  def put(full, new):
-    old = jnp.take(full, idx, axis=0)
-    keep = present.reshape((-1,) + (1,) * (new.ndim - 1))
-    return full.at[idx].set(jnp.where(keep, new, old))
-  return jax.tree.map(put, tree, values)
+# ---- site side --------------------------------------------------------------------------------
+# A site's part of a round: from the global adapter, the server's broadcast state (SCAFFOLD's
+# control), its own state and its batches, train locally and produce what it sends and what
+# it keeps. `site_update` is one site in plain form (what a deployed site runs);
+# `train_clients` runs its two pieces (`_site_train` over the client axis, then `_controls`
+# vmapped) over the round's stacked sites in one program.
+
+def site_state(sites: dict, idx) -> dict:
+  """The round's sites' own state (personal factors, local adapter, control, optimizer
+  state), taken from the state of all N sites: what each site holds on its own machine."""
+  return _take(sites, idx)
+
+
+def _site_train(spec: RoundSpec, graphdef, base, global_params, server, own: dict, batches,
+                step_mask, rng, rank_mask=None):
+  """Local training of one site: (trained adapters, optimizer state, metrics)."""
+  alg = spec.algorithm
+  start = global_params
+  if alg.personal_factors:  # fedsa_lora: the site trains with its own B
+    start = overlay_factors(global_params, own["personal"])
+  trainable, specs = {"global": start}, {"global": spec.global_spec}
+  if alg.local_adapter:
+    trainable["local"], specs["local"] = own["local"], spec.local_spec
+  control = (server["control"], own["control"]) if alg.scaffold else None
+  return client_update(graphdef, base, trainable, specs, batches, step_mask, rng, spec.client,
+                       anchor=global_params, control=control, rank_mask=rank_mask,
+                       opt_state=own.get("opt") if spec.keep_optimizer_state else None)
+
+
+def _controls(server_control, own_control, global_params, trained_global, lr_sum):
+  """SCAFFOLD: the site's new control variate and the change it uploads with its model."""
+  new = scaffold_control(server_control, own_control, global_params, trained_global, lr_sum)
+  return new, jax.tree.map(jnp.subtract, new, own_control)
+
+
+def site_update(spec: RoundSpec, graphdef, base, global_params, server, own: dict, batches,
+                step_mask, rng, rank_mask=None):
+  """One site's local update, unbatched: (out, metrics). out["trained"]["global"] is its
+  upload (the server takes the factors the algorithm sends), ["local"] its local adapter;
+  out["controls"] / ["control_delta"] its new SCAFFOLD control and the change it uploads;
+  out["opt"] its optimizer state (config.keep_optimizer_state)."""
+  if spec.algorithm.merge_base:
+    base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+  trained, new_opt, metrics = _site_train(spec, graphdef, base, global_params, server, own,
+                                          batches, step_mask, rng, rank_mask)
+  out = {"trained": trained, "opt": new_opt if spec.keep_optimizer_state else None,
+         "controls": None, "control_delta": None}
+  if spec.algorithm.scaffold:
+    out["controls"], out["control_delta"] = _controls(
+        server["control"], own["control"], global_params, trained["global"], metrics["lr_sum"])
+  return out, metrics
+
+
+def site_accept(spec: RoundSpec, own: dict, out: dict, accepted) -> dict:
+  """The site's state after the server's decision: what it trained if its upload was
+  accepted, its old state otherwise."""
+  alg = spec.algorithm
+  new = dict(own)
+  keep = lambda old, fresh: jax.tree.map(lambda o, f: jnp.where(accepted, f, o), old, fresh)
+  if alg.personal_factors:
+    new["personal"] = keep(own["personal"], select_factors(out["trained"]["global"],
+                                                           alg.personal_factors))
+  if alg.local_adapter:
+    new["local"] = keep(own["local"], out["trained"]["local"])
+  if alg.scaffold:
+    new["control"] = keep(own["control"], out["controls"])
+  if spec.keep_optimizer_state:
+    new["opt"] = keep(own["opt"], out["opt"])
+  return new
 
 
 def train_clients(spec: RoundSpec, graphdef, base, state: dict, sites: dict, batches: dict,
                   step_mask, idx, rngs, rank_mask=None, fault: dict | None = None):
-  """Client side of a round: every sampled client trains, then sends its upload.
-
-  Returns (out, metrics): out["trained"] holds the stacked client adapters (["global"] is
-  what each client uploads, after any configured fault), plus new optimizer states and
-  SCAFFOLD controls when the algorithm keeps them.
-  """
+  """Site side of a round for every sampled site at once (`site_update` over the client
+  axis, as spec.mode says), then the configured upload faults: (out, metrics)."""
   alg = spec.algorithm
   server = state["server"]
   if alg.merge_base:
     base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
   global_params = state["global"]
-  m = idx.shape[0]
+  own = site_state(sites, idx)
 
-  per_client_global = jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), global_params)
-  if alg.personal_factors:  # fedsa_lora: each site trains with its own B
-    per_client_global = overlay_factors(per_client_global, _take(sites["personal"], idx))
-  trainable = {"global": per_client_global}
-  specs = {"global": spec.global_spec}
-  if alg.local_adapter:
-    trainable["local"] = _take(sites["local"], idx)
-    specs["local"] = spec.local_spec
-  site_controls = _take(sites["control"], idx) if alg.scaffold else None
-  opt_state = _take(sites["opt"], idx) if spec.keep_optimizer_state else None
+  def one_client(own_k, batches_k, mask_k, rng_k, rank_k):
+    return _site_train(spec, graphdef, base, global_params, server, own_k, batches_k, mask_k,
+                       rng_k, rank_k)
 
-  def one_client(trainable_k, batches_k, mask_k, rng_k, control_k, rank_k, opt_k):
-    control = None if control_k is None else (server["control"], control_k)
-    return client_update(graphdef, base, trainable_k, specs, batches_k, mask_k, rng_k, spec.client,
-                         anchor=global_params, control=control, rank_mask=rank_k,
-                         opt_state=opt_k)
-
-  in_axes = tuple(None if a is None else 0 for a in (
-      trainable, batches, step_mask, rngs, site_controls, rank_mask, opt_state))
+  in_axes = (0, 0, 0, 0, None if rank_mask is None else 0)
   run = _client_axis(one_client, spec, in_axes)
-  trained, new_opt, client_metrics = run(trainable, batches, step_mask, rngs, site_controls,
-                                         rank_mask, opt_state)
+  trained, new_opt, client_metrics = run(own, batches, step_mask, rngs, rank_mask)
   out = {"trained": trained, "opt": new_opt if spec.keep_optimizer_state else None,
-         "controls": None}
+         "controls": None, "control_delta": None}
   if alg.scaffold:
-    out["controls"] = jax.vmap(scaffold_control, in_axes=(None, 0, None, 0, 0))(
-        server["control"], site_controls, global_params, trained["global"],
+    out["controls"], out["control_delta"] = jax.vmap(_controls, in_axes=(None, 0, None, 0, 0))(
+        server["control"], own["control"], global_params, trained["global"],
         client_metrics["lr_sum"])
   if fault is not None:
     trained["global"] = apply_upload_faults(global_params, trained["global"], fault)
   return out, {"client_" + k: v for k, v in client_metrics.items()}
 
+
+# ---- server side ------------------------------------------------------------------------------
 
 def quarantine(global_params, uploads, present, max_norm: float = 0.0,
                sends: tuple[str, ...] = ("a", "b")):
@@ -178,27 +224,33 @@ def quarantine(global_params, uploads, present, max_norm: float = 0.0,
   return accepted, safe, metrics
 
 
-def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base,
-                    state: dict, sites: dict, client_out: dict, idx, present, token_counts,
-                    val: dict | None, rank_mask=None, noise_key=None, max_norm: float = 0.0,
-                    secure_delta=None):
-  """Server side of a round: quarantine, validation weights, aggregation, per-site state.
+def server_aggregate(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base,
+                     state: dict, uploads: dict, present, token_counts, val: dict | None,
+                     num_sites: int, rank_mask=None, noise_key=None, max_norm: float = 0.0,
+                     secure_delta=None):
+  """Server side of a round: quarantine, validation weights, aggregation.
 
-  `present` is who reported back (and, with signed uploads, whose signature verified).
-  With secure aggregation the server never sees the uploads: `secure_delta` is the weighted
-  mean update the protocol revealed, aggregated as a single client.
+  uploads: {"global": the sites' stacked trained global adapters (the aggregator and the
+  checks read only the factors it `sends`), "local": their local adapters (only when the
+  validation weighting scores the personalised model), "control_delta": SCAFFOLD's control
+  changes}. num_sites: N, every site of the federation (SCAFFOLD's 1/N when sites keep
+  state), else the round's sampled count. `present` is who
+  reported back (and, with signed uploads, whose signature verified). With secure
+  aggregation the server never sees the uploads: `secure_delta` is the weighted mean update
+  the protocol revealed, aggregated as a single client. Returns (state, accepted, metrics):
+  the sites update their own state from `accepted` (`site_accept`).
   """
   alg = spec.algorithm
   server = state["server"]
   if alg.merge_base:
     base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
   global_params = state["global"]
-  trained = dict(client_out["trained"])
+  sent = uploads["global"]
   metrics = {}
   token_counts = token_counts.astype(jnp.float32)
   if secure_delta is None:
-    accepted, trained["global"], q_metrics = quarantine(global_params, trained["global"],
-                                                        present, max_norm, aggregator.sends)
+    accepted, sent, q_metrics = quarantine(global_params, sent, present, max_norm,
+                                           aggregator.sends)
     metrics.update(q_metrics)
   else:
     accepted = present
@@ -209,8 +261,7 @@ def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, b
         adapters.append(LoraAdapter(local, spec.local_spec))
       return validation_loss(graphdef, base, adapters, val)
     val_axes = (0, 0 if alg.local_adapter else None)
-    losses = _client_axis(client_val, spec, val_axes)(
-        trained["global"], trained.get("local"))
+    losses = _client_axis(client_val, spec, val_axes)(sent, uploads.get("local"))
     weights = agg_lib.validation_weights(losses, token_counts, accepted, spec.gamma,
                                          spec.temperature)
     metrics["client_val_loss"] = losses
@@ -219,18 +270,16 @@ def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, b
     weights = n / jnp.maximum(jnp.sum(n), 1.0)
   metrics["weights"] = weights
 
-  num_sites = jax.tree.leaves(sites)[0].shape[0] if jax.tree.leaves(sites) else idx.shape[0]
   extras = {"num_clients": jnp.float32(num_sites)}
   if noise_key is not None:
     extras["noise_key"] = noise_key
   if rank_mask is not None:
     extras["rank_mask"] = rank_mask
   if alg.scaffold:
-    site_controls = _take(sites["control"], idx)
-    extras["control_delta"] = jax.tree.map(jnp.subtract, client_out["controls"], site_controls)
+    extras["control_delta"] = uploads["control_delta"]
   if secure_delta is None:
     new_global, new_server, agg_metrics = aggregator.apply(
-        global_params, trained["global"], weights, accepted, server, extras)
+        global_params, sent, weights, accepted, server, extras)
   else:
     single = jax.tree.map(lambda x, d: (x.astype(jnp.float32) + d)[None].astype(x.dtype),
                           global_params, secure_delta)
@@ -239,18 +288,27 @@ def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, b
         extras)
   metrics.update(agg_metrics)
   metrics["present_clients"] = jnp.sum(accepted.astype(jnp.float32))
+  return {**state, "global": new_global, "server": new_server}, accepted, metrics
 
-  new_sites = dict(sites)
-  if alg.personal_factors:
-    kept = select_factors(trained["global"], alg.personal_factors)
-    new_sites["personal"] = _scatter(sites["personal"], idx, kept, accepted)
-  if alg.local_adapter:
-    new_sites["local"] = _scatter(sites["local"], idx, trained["local"], accepted)
-  if alg.scaffold:
-    new_sites["control"] = _scatter(sites["control"], idx, client_out["controls"], accepted)
-  if spec.keep_optimizer_state:
-    new_sites["opt"] = _scatter(sites["opt"], idx, client_out["opt"], accepted)
-  return {**state, "global": new_global, "server": new_server}, new_sites, metrics
+
+def aggregate_round(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base,
+                    state: dict, sites: dict, client_out: dict, idx, present, token_counts,
+                    val: dict | None, rank_mask=None, noise_key=None, max_norm: float = 0.0,
+                    secure_delta=None):
+  """The server's aggregation, then every sampled site's own state from its decision."""
+  # Aggregators that count all sites (SCAFFOLD's 1/N) see N when sites keep state.
+  num_sites = jax.tree.leaves(sites)[0].shape[0] if jax.tree.leaves(sites) else idx.shape[0]
+  trained = client_out["trained"]
+  uploads = {"global": trained["global"],
+             "local": trained.get("local") if spec.algorithm.needs_validation else None,
+             "control_delta": client_out.get("control_delta")}
+  state, accepted, metrics = server_aggregate(
+      spec, aggregator, graphdef, base, state, uploads, present, token_counts, val, num_sites,
+      rank_mask, noise_key, max_norm, secure_delta)
+  new_own = jax.vmap(functools.partial(site_accept, spec))(site_state(sites, idx), client_out,
+                                                           accepted)
+  sites = jax.tree.map(lambda full, new: full.at[idx].set(new), sites, new_own)
+  return state, sites, metrics
 
 
 def round_step(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, base, state: dict,

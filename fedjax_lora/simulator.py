@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,22 +21,16 @@ from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import batching, checkpointing, client_modes, comm, faults, files
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
 from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
-from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.data.arrays import SiteArrays, common_length, validation_chunks
+from fedjax_lora.errors import ConfigError, ResumeError
 from fedjax_lora.eval.report import f1_line
 from fedjax_lora.privacy import accounting
 from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
                                 validation_loss)
-from fedjax_lora.security import guard
+from fedjax_lora.security import guard, site_side
+from fedjax_lora.security.config import SecurityConfig
 from models import llama, lora
 from models.lora import LoraAdapter, LoraSpec
-
-
-class ConfigError(ValueError):
-  """A federation setting that cannot work; raised before any training."""
-
-
-class ResumeError(ValueError):
-  """A workdir that cannot be resumed as asked (names the directory and what to do)."""
 
 
 @dataclasses.dataclass
@@ -49,43 +42,21 @@ class SiteData:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  rounds: int = 3
-  epochs: int = 2
-  batch_size: int = 4
-  accumulation: int = 1
-  clients_per_round: int = 0      # 0: every site (or client_fraction of them)
-  client_fraction: float = 0.0    # used when clients_per_round is 0 and this is > 0
-  availability: float = 1.0       # probability that a sampled client reports back
-  seed: int = 0
-  val_examples_per_site: int = 50
-  val_chunk: int = 16
-  eval_every: int = 1
-  keep_last: int = 3
-  best_metric: str = "val_loss"
-  best_mode: str = "min"
-
-
-@dataclasses.dataclass(frozen=True)
-class SecurityConfig:
-  """How the server protects the round (all off: the single fused program of a plain run)."""
-  ledger: bool = False              # signed uploads, verified before aggregation, and the
-                                    # hash-chain ledger of <workdir>/ledger.jsonl (needs a workdir)
-  keep_uploads: bool = False        # with the ledger: keep every round's uploads and global
-                                    # adapter in <workdir>/uploads for launch.audit to replay
-  max_update_norm: float = 0.0      # quarantine uploads with ||y_k - x|| above this (0: off);
-                                    # non-finite uploads are always quarantined
-  secure_aggregation: bool = False  # the server sees only masked uploads and their sum
-  secagg_frac_bits: int = 24        # fixed-point fractional bits in the 2^64 ring
-  secagg_threshold: float = 0.5     # Shamir threshold: more than this fraction must survive
-  faults: faults.FaultPlan = faults.FaultPlan()
-  dp_delta: float = 1e-5            # delta of the reported (epsilon, delta)
-  client_dp_noise: float = 0.0      # dp_fedavg's noise multiplier, for its accounting
-  config_hash: str = ""             # committed to by the ledger's genesis block
-
-  @property
-  def split_round(self) -> bool:
-    """The host must see the uploads between training and aggregation."""
-    return self.ledger or self.secure_aggregation
+  """config.run, typed (fedjax_lora.translate.run_config); its defaults are in configs/."""
+  rounds: int
+  epochs: int
+  batch_size: int
+  accumulation: int
+  clients_per_round: int      # 0: every site (or client_fraction of them)
+  client_fraction: float      # used when clients_per_round is 0 and this is > 0
+  availability: float         # probability that a sampled client reports back
+  seed: int
+  val_examples_per_site: int
+  val_chunk: int
+  eval_every: int
+  keep_last: int
+  best_metric: str
+  best_mode: str
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
@@ -105,29 +76,12 @@ def sample_clients(num_sites: int, run: RunConfig, round_index: int):
   return idx, present
 
 
-def _pad_length(arrays: list[SiteArrays]) -> int:
-  return max(a.tokens.shape[1] for a in arrays)
-
-
 def server_validation_set(sites: list[SiteData], per_site: int, chunk: int, length: int):
   """The first `per_site` dev examples of every training site, chunked [C, chunk, L]."""
-  rows = []
   for s in sites:
     if s.dev is None or len(s.dev) == 0:
       raise ConfigError(f"site {s.name} has no dev split for the server validation set")
-    n = min(per_site, len(s.dev))
-    rows.append(batching.gather(s.dev, np.arange(n), length))
-  stacked = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-  total = stacked["tokens"].shape[0]
-  chunks = math.ceil(total / chunk)
-  pad = chunks * chunk - total
-  out = {}
-  for k, v in stacked.items():
-    fill = np.zeros((pad,) + v.shape[1:], v.dtype)
-    if k == "attention_mask":
-      fill[:, 0] = True
-    out[k] = np.concatenate([v, fill]).reshape((chunks, chunk) + v.shape[1:])
-  return out
+  return validation_chunks([s.dev for s in sites], per_site, chunk, length)
 
 
 class Federation:
@@ -141,7 +95,7 @@ class Federation:
                workdir: str | None = None, log: Callable[[str], None] = print,
                place: Callable | None = None,
                hooks: list[Callable[["Federation", int], dict]] = (),
-               security: SecurityConfig = SecurityConfig(), special_token_ids=(),
+               security: SecurityConfig, special_token_ids=(),
                vocab_size: int | None = None):
     self.graphdef, self.base, self.model_config = graphdef, base, model_config
     self.sites, self.algorithm, self.aggregator, self.run = sites, algorithm, aggregator, run
@@ -166,7 +120,7 @@ class Federation:
                         f"({max(site_ranks)})")
     if algorithm.local_adapter and local_spec is None:
       raise ConfigError("dual_lora needs a local adapter spec (config.lora.local_rank)")
-    self.length = _pad_length([s.train for s in sites] + [s.dev for s in sites if s.dev])
+    self.length = common_length([s.train for s in sites] + [s.dev for s in sites if s.dev])
     self.val = None
     if algorithm.needs_validation or run.val_examples_per_site:
       if algorithm.needs_validation and not run.val_examples_per_site:
@@ -217,8 +171,12 @@ class Federation:
           best_metric=run.best_metric or None, best_mode=run.best_mode)
     if security.ledger and self.workdir is None:
       raise ConfigError("security.ledger needs a workdir (the ledger and keys live there)")
-    self.guard = guard.RoundGuard(self, security) if security.split_round or \
-        security.ledger else None
+    self.guard = self.site_side = None
+    if security.split_round:
+      names = [s.name for s in sites]
+      self.site_side = site_side.SimulatedSites(
+          names, aggregator.sends, security, dict(zip(names, self.token_counts.tolist())), log)
+      self.guard = guard.RoundGuard(self.workdir, names, aggregator, security, log)
     self.dp_steps = {s.name: 0 for s in sites}  # local DP-SGD steps taken so far, per site
 
   # ---- state -------------------------------------------------------------------------------
@@ -329,7 +287,7 @@ class Federation:
   def step(self) -> dict:
     """Runs the next round; returns its metrics (also appended to `history`)."""
     if self.guard is not None and not self.guard.started:
-      self.guard.start(resumed_round=int(self.state["round"]) or None)
+      self._start_guard(int(self.state["round"]) or None)
     r = int(self.state["round"]) + 1
     t0 = time.perf_counter()
     idx, present, batches, step_mask, keys, rank = self.round_inputs(r)
@@ -350,8 +308,8 @@ class Federation:
       client_out, client_metrics = self.train_fn(
           self.base, core, self.state["sites"], placed["batches"], placed["step_mask"],
           placed["idx"], placed["keys"], placed["rank"], fault)
-      accepted, secure_delta, report = self.guard.check_uploads(r, idx, present, core["global"],
-                                                                client_out)
+      accepted, secure_delta, report = self._check_uploads(r, idx, present, core["global"],
+                                                           client_out)
       if secure_delta is not None:
         client_out = self.guard.server_view(client_out, core["global"])
       core, sites, metrics = self.aggregate_fn(
@@ -383,10 +341,29 @@ class Federation:
         f.write(json.dumps(_jsonable(row)) + "\n")
     if self.guard is not None and self.security.ledger:
       # Before the checkpoint: a checkpoint with no block is treated as unverifiable.
-      self.guard.record_round(r, idx, present, metrics, report, row)
+      self.guard.record_round(r, [self.sites[k].name for k in idx], present, metrics, report,
+                              row, self.state["global"], self.checkpoint_state())
     if self.checkpointer is not None:
       self.checkpointer.save(r, self.checkpoint_state(), _jsonable(row))
     return row
+
+  def _start_guard(self, resumed_round: int | None = None) -> None:
+    """The sites' keys (their side), then the server's registry and ledger."""
+    if self.workdir is not None:
+      self.site_side.start(self.workdir / "identity")
+    initial = self.initial_state()["global"] if self.security.ledger else None  # genesis
+    self.guard.start(initial, resumed_round)
+
+  def _check_uploads(self, r, idx, present, global_params, client_out):
+    """The wire between training and aggregation: the server opens the protocol round, the
+    sites select, mask and sign their uploads, the server checks what arrives."""
+    names = [self.sites[k].name for k in idx]
+    rnd = (self.guard.open_secagg(r, names, present) if self.security.secure_aggregation
+           else None)
+    out = self.site_side.send(r, names, present, jax.device_get(global_params),
+                              jax.device_get(client_out["trained"]["global"]), rnd,
+                              self.guard.published(r))
+    return self.guard.receive(r, names, present, out, global_params)
 
   def _privacy(self, idx, present, metrics) -> dict:
     """Per-site epsilon of example-level DP-SGD and the run's client-level epsilon so far."""
@@ -403,7 +380,7 @@ class Federation:
                                             self.dp_steps[s.name], self.security.dp_delta)
           for s in self.sites}
       out["dp_steps"] = dict(self.dp_steps)
-    if self.aggregator.name == "dp_fedavg":
+    if self.algorithm.client_dp:
       out["client_epsilon"] = accounting.client_level_epsilon(
           self.security.client_dp_noise, len(idx), len(self.sites), int(self.state["round"]),
           self.security.dp_delta)
@@ -503,7 +480,7 @@ class Federation:
       if self.workdir is not None:
         self._truncate_metrics(0)  # killed during round 1: nothing of it was kept
       if self.guard is not None:
-        self.guard.start()
+        self._start_guard()
       return 0
     target = self.checkpoint_state()
     if self.guard is not None:
@@ -541,7 +518,7 @@ class Federation:
     self.dp_steps.update(metrics.get("dp_steps", {}))
     self._truncate_metrics(r)
     if self.guard is not None:
-      self.guard.start(resumed_round=r)
+      self._start_guard(r)
     self.log(f"resumed from round {r}")
     return r
 

@@ -21,9 +21,9 @@ from ml_collections import config_flags
 
 import configs
 from fedjax_lora import experiment
+from fedjax_lora.data.arrays import bucket_size
 from fedjax_lora.eval import decoding, evaluator, settings
 from launch import errors
-from models import generation
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(configs.__file__).parent / "evaluate_five_sites.py"),
@@ -33,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 def budget_bucket(n_input_tokens: int, cfg: decoding.DecodeConfig) -> int:
   """The power-of-two budget the Decoder compiled per group before per-row budgets."""
   want = max(cfg.min_new_tokens, decoding.budget(n_input_tokens, cfg))
-  return min(cfg.max_new_tokens, generation.bucket_length(want, minimum=cfg.min_new_tokens))
+  return bucket_size(want, minimum=cfg.min_new_tokens, cap=cfg.max_new_tokens)
 
 
 def count(example_sets, renderer, tokenizer, cfg) -> dict:

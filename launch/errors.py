@@ -4,19 +4,12 @@ import sys
 
 from absl import app
 
-from fedjax_lora.data.records import DataError
-from fedjax_lora.privacy.secagg import SecAggError
-from fedjax_lora.security.identity import IdentityError
-from fedjax_lora.security.ledger import LedgerError
-from fedjax_lora.simulator import ConfigError as FederationConfigError
-from fedjax_lora.simulator import ResumeError
-from models.config import ConfigError
-from models.hf_checkpoint import CheckpointError
-from models.peft_io import AdapterError
-from models.tokenizer import TokenizerError
+from fedjax_lora.errors import (ConfigError, DataError, IdentityError, LedgerError, ResumeError,
+                                SecAggError)
+from models.errors import AdapterError, CheckpointError, ModelConfigError, TokenizerError
 
-INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ConfigError, DataError,
-                FederationConfigError, IdentityError, LedgerError, SecAggError, ResumeError)
+INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ModelConfigError, DataError,
+                ConfigError, IdentityError, LedgerError, SecAggError, ResumeError)
 
 
 def run(main):

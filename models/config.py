@@ -13,19 +13,12 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from models.errors import ModelConfigError, UnsupportedConfigError
 
 # Remat policies accepted by `LlamaConfig.remat`; see `models.llama.REMAT_POLICIES`.
 REMAT_NAMES = ("none", "full", "save_qkv", "save_attn_out", "save_dots_except_mlp")
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
-
-
-class ConfigError(ValueError):
-  """A config.json is unreadable or incomplete; the message names the file and field."""
-
-
-class UnsupportedConfigError(ConfigError):
-  """A checkpoint config uses a field or value this implementation does not support."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +148,7 @@ class LlamaConfig:
                 "num_attention_heads")
     absent = [k for k in required if hf.get(k) is None]
     if absent:
-      raise ConfigError(f"{source}: missing required field(s) {absent}")
+      raise ModelConfigError(f"{source}: missing required field(s) {absent}")
     num_heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     head_dim = hf.get("head_dim") or hidden // num_heads
@@ -180,7 +173,7 @@ class LlamaConfig:
     try:
       return cls(**kwargs)
     except (ValueError, TypeError) as e:
-      raise ConfigError(f"{source}: {e}") from None
+      raise ModelConfigError(f"{source}: {e}") from None
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A config.json that `transformers.LlamaConfig` (4.x and 5.x) reads back."""
@@ -224,7 +217,7 @@ class LlamaConfig:
       try:
         hf = json.load(f)
       except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise ModelConfigError(f"{path}: not valid JSON ({e})") from None
     return cls.from_hf_dict(hf, source=str(path), **overrides)
 
 

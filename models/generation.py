@@ -22,7 +22,9 @@ from models import lora as lora_lib
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-  """Next power of two >= n (at least `minimum`), to bound recompilation."""
+  """Next power of two >= n (at least `minimum`), to bound recompilation. The model side's
+  own copy of `fedjax_lora.data.arrays.bucket_size` (models/ imports nothing from the
+  federation library); the library always passes explicit lengths."""
   return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 

@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from models import llama
 from models.config import LlamaConfig
+from models.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,10 +44,6 @@ KEY_TABLE: tuple[tuple[re.Pattern, tuple[str, ...], bool], ...] = tuple(
     ])
 # Buffers some exporters include; they carry no learned weights.
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory is missing, truncated or inconsistent; the message names what."""
 
 
 def resolve_model_dir(name_or_path: str) -> Path:

@@ -20,16 +20,13 @@ from safetensors.numpy import save_file
 
 from models import lora as lora_lib
 from models.config import LlamaConfig
+from models.errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
                   r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\."
                   r"lora_(A|B)(?:\.[\w-]+)?\.weight")
-
-
-class AdapterError(ValueError):
-  """An adapter directory is malformed or does not fit the base model; the message names why."""
 
 
 def _group(target: str) -> str:

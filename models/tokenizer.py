@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from models.errors import TokenizerError
 
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 as in LLaMA-2 (pad, bos, eos)
-
-
-class TokenizerError(ValueError):
-  pass
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from models import hf_checkpoint, peft_io
 from models import lora as lora_lib
-from models.config import ConfigError, UnsupportedConfigError
+from models.errors import ModelConfigError, UnsupportedConfigError
 
 
 @pytest.fixture
@@ -136,5 +136,5 @@ def test_inconsistent_config_names_file_and_field(checkpoint, edit, message):
   cfg = json.loads((checkpoint / "config.json").read_text())
   edit(cfg)
   (checkpoint / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ConfigError, match=f"config.json: .*{message}"):
+  with pytest.raises(ModelConfigError, match=f"config.json: .*{message}"):
     hf_checkpoint.load_params(checkpoint)

@@ -12,7 +12,7 @@ import pytest
 import configs.federate as federate_config
 from fedjax_lora import experiment
 from fedjax_lora.data import templates
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.errors import ConfigError
 from models import bases, checkpoints
 from models.hf_checkpoint import CheckpointError
 from models.tokenizer import build_byte_tokenizer

@@ -111,6 +111,9 @@ def test_ner_prompt_lists_only_the_sources_labels_and_round_trips():
   assert ex.prompt.endswith(doc.text + "\n### Output Text:\n")
   parsed = markup.parse(ex.target)
   assert parsed.text == doc.text and tuple(parsed.spans) == ex.spans
+  # The example carries the label list its prompt offers.
+  assert ex.entity_labels == ("AdverseEffect", "Drug", "Time") and ex.relation_labels == ()
+  assert all(f'<span class="{t}">' in ex.prompt for t in ex.entity_labels)
 
 
 def test_re_examples_mark_anchor_in_input_and_related_in_output():
@@ -129,6 +132,9 @@ def test_re_examples_mark_anchor_in_input_and_related_in_output():
   parsed = markup.parse(ex.target)
   assert parsed.text == doc.text
   assert sorted(parsed.spans) == sorted(ex.spans + ex.anchors)
+  assert (list(ex.entity_labels), list(ex.relation_labels)) == labels
+  guides = ex.prompt.split("### Modifier Entity Markup Guide:\n")[1].split("\n\n")[0]
+  assert [line.split('"')[1] for line in guides.splitlines()] == list(ex.relation_labels)
 
 
 def test_undirected_relations_yield_both_directions():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedjax_lora.data import encoding, partition
+from fedjax_lora.data import arrays, encoding, partition
 from fedjax_lora.data.markup import Span
 from fedjax_lora.data.tasks import Example
 from models.tokenizer import build_byte_tokenizer
@@ -73,8 +73,8 @@ def byte_tok(tmp_path_factory):
 def test_encoding_masks_counts_and_truncation(byte_tok, tmp_path):
   exs = _examples()
   enc = encoding.encode(exs, byte_tok, max_length=128)
-  full = encoding.to_arrays(enc, 0, 128, "full")
-  comp = encoding.to_arrays(enc, 0, 128, "completion")
+  full = arrays.to_arrays(enc, 0, 128, "full")
+  comp = arrays.to_arrays(enc, 0, 128, "completion")
   lengths = [len(e.prompt.encode()) + len(e.target.encode()) + 2 for e in exs]
   assert full.truncated == sum(n > 128 for n in lengths) > 0
   assert full.tokens.shape == (6, 128) and full.tokens.dtype == np.int32
@@ -91,9 +91,53 @@ def test_encoding_masks_counts_and_truncation(byte_tok, tmp_path):
 
 def test_encoding_pads_to_a_bucket(byte_tok):
   enc = encoding.encode(_examples()[:1], byte_tok, max_length=800)
-  arr = encoding.to_arrays(enc, 0, 800)
+  arr = arrays.to_arrays(enc, 0, 800)
   assert arr.tokens.shape[1] == 128  # 100-odd tokens round up to the next power of two
-  assert encoding.bucketed_length(700, 800) == 800
+  assert arrays.bucket_size(700, cap=800) == 800
+
+
+def test_training_and_decoding_buckets_are_one_functions_values(byte_tok):
+  from fedjax_lora.eval import decoding
+  assert decoding.bucket_size is arrays.bucket_size  # decoding calls the one rule
+  for n in range(1, 2100):
+    # Decoding pads a prompt to the bucket a training sequence of n tokens gets (uncapped).
+    assert decoding.prompt_bucket(n) == arrays.bucket_size(n) >= max(n, 16)
+    assert arrays.bucket_size(n, cap=800) == min(800, decoding.prompt_bucket(n))
+    # The rows of a last decoding batch: the same rule with minimum 1, capped at the batch.
+    assert decoding.batch_sizes(n, 16)[-1] == arrays.bucket_size(n % 16 or 16, minimum=1,
+                                                                cap=16)
+  assert [arrays.bucket_size(n) for n in (0, 1, 16, 17, 100, 128, 129)] == \
+      [16, 16, 16, 32, 128, 128, 256]
+  for examples in (_examples()[:1], _examples()):  # training: the longest row's bucket
+    arr = arrays.to_arrays(encoding.encode(examples, byte_tok, 800), 0, 800)
+    longest = int(arr.attention_mask.sum(axis=1).max())
+    assert arr.tokens.shape[1] == min(800, decoding.prompt_bucket(longest))
+
+
+def _rows(n, length, first_token):
+  tokens = np.arange(first_token, first_token + n * length, dtype=np.int32).reshape(n, length)
+  attention = np.ones((n, length), bool)
+  attention[:, length - 2:] = False
+  return arrays.SiteArrays(tokens, attention, attention.astype(np.float32),
+                           np.full(n, 2, np.int32), 0)
+
+
+def test_validation_chunks_take_each_sites_first_rows_and_pad_the_last_chunk():
+  a, b = _rows(5, 16, 0), _rows(2, 32, 1000)
+  length = arrays.common_length([a, b])
+  assert length == 32
+  val = arrays.validation_chunks([a, b], 3, 2, length)
+  assert val["tokens"].shape == (3, 2, 32)  # 3 + 2 rows in chunks of 2: one padding row
+  flat = {k: v.reshape(6, 32) for k, v in val.items()}
+  np.testing.assert_array_equal(flat["tokens"][:3, :16], a.tokens[:3])
+  np.testing.assert_array_equal(flat["tokens"][3:5], b.tokens)
+  assert not flat["attention_mask"][:3, 16:].any() and flat["loss_mask"][:3, 16:].sum() == 0
+  assert flat["attention_mask"][5].tolist() == [True] + [False] * 31  # padding row
+  assert flat["loss_mask"][5].sum() == 0
+  pooled = arrays.pool([a, b])
+  assert len(pooled) == 7 and pooled.tokens.shape[1] == 32
+  assert pooled.token_count == a.token_count + b.token_count
+  assert len(arrays.take_rows(b, 1)) == 1
 
 
 def test_encoding_cache_is_keyed_by_config_and_tokenizer(byte_tok, tmp_path):
@@ -133,7 +177,7 @@ def test_completion_boundary_with_the_llama2_tokenizer():
   from tests.shared_data import require_shared
   tok = load_tokenizer(require_shared("models", "raw", "llama2_tokenizer"))
   exs = _examples()
-  arr = encoding.to_arrays(encoding.encode(exs, tok, 800), 0, 800, "completion")
+  arr = arrays.to_arrays(encoding.encode(exs, tok, 800), 0, 800, "completion")
   for i, ex in enumerate(exs):
     start = int(arr.prompt_lengths[i])
     end = int(arr.attention_mask[i].sum())

@@ -84,3 +84,93 @@ def test_unknown_label_rejected(tmp_path):
   path.write_text("1|t|Aspirin.\n1|a|x\n1\t0\t7\tAspirin\tDrugz\tD1\n")
   with pytest.raises(DataError, match=r"l.PubTator:3: .*unknown entity type 'Drugz'"):
     pubtator.read_pubtator(path, entity_types=pubtator.BIORED_ENTITY_TYPES)
+
+
+# BC5CDR style: `|`-separated composite ids with a column of part texts, CID relations to
+# one part, and `-1` for a mention no concept was found for.
+_CDR = ("7|t|Drug X caused fever and chills.\n"
+        "7|a|Rash was seen.\n"
+        "7\t0\t6\tDrug X\tChemical\tD001\n"
+        "7\t14\t30\tfever and chills\tDisease\tD006470|D003556\tfever|chills\n"
+        "7\t32\t36\tRash\tDisease\t-1\n"
+        "7\tCID\tD001\tD003556\n\n")
+
+
+def test_bc5cdr_composite_mention_and_cid_relation(tmp_path):
+  path = tmp_path / "cdr.PubTator"
+  path.write_text(_CDR)
+  docs, skipped = pubtator.read_pubtator(path, pubtator.BC5CDR_ENTITY_TYPES,
+                                         pubtator.BC5CDR_RELATION_TYPES)
+  (doc,) = docs
+  composite = next(e for e in doc.entities if e.text == "fever and chills")
+  assert composite.concept_ids == ("D006470", "D003556")
+  assert doc.meta["mention_parts"] == {composite.id: ("fever", "chills")}
+  # The CID relation names one part; it becomes a relation to the composite mention.
+  assert [(doc.entity(r.head).text, doc.entity(r.tail).text, r.type, r.id)
+          for r in doc.relations] == [("Drug X", "fever and chills", "CID", "R1")]
+  assert doc.meta["relation_concepts"] == {"R1": ("D001", "D003556")}
+  assert skipped == {"mentions without a concept id (-1; kept as entities, not a skip)": 1}
+
+
+def test_unnormalised_mention_is_an_entity_without_concept(tmp_path):
+  path = tmp_path / "cdr.PubTator"
+  path.write_text(_CDR)
+  (doc,), _ = pubtator.read_pubtator(path)
+  rash = next(e for e in doc.entities if e.text == "Rash")
+  assert rash.type == "Disease" and rash.concept == "" and rash.concept_ids == ()
+  assert all(rash.id not in (r.head, r.tail) for r in doc.relations)
+
+
+def test_relation_to_unnormalised_id_names_file_and_line(tmp_path):
+  path = tmp_path / "cdr.PubTator"
+  path.write_text(_CDR.replace("7\tCID\tD001\tD003556", "7\tCID\tD001\t-1"))
+  with pytest.raises(DataError, match=r"cdr.PubTator:6: .*'-1' marks an unnormalised"):
+    pubtator.read_pubtator(path)
+
+
+def test_part_count_mismatch_is_counted_not_fatal(tmp_path):
+  path = tmp_path / "cdr.PubTator"
+  path.write_text(_CDR.replace("\tfever|chills", "\tfever and chills"))
+  (doc,), skipped = pubtator.read_pubtator(path)
+  assert len(doc.relations) == 1
+  assert skipped["composite mentions whose part texts and concept ids differ in number "
+                 "(ids kept)"] == 1
+
+
+def test_biored_comma_ids_and_novelty_still_read(tmp_path):
+  path = tmp_path / "b.PubTator"
+  path.write_text("5|t|BRCA1 and BRCA2 in cancer.\n5|a|x\n"
+                  "5\t0\t15\tBRCA1 and BRCA2\tGeneOrGeneProduct\t672,675\n"
+                  "5\t19\t25\tcancer\tDiseaseOrPhenotypicFeature\tD009369\n"
+                  "5\tAssociation\t675\tD009369\tNovel\n\n")
+  (doc,), skipped = pubtator.read_pubtator(path, pubtator.BIORED_ENTITY_TYPES,
+                                           pubtator.BIORED_RELATION_TYPES)
+  assert doc.entities[0].concept_ids == ("672", "675")
+  assert [(doc.entity(r.head).text, doc.entity(r.tail).text) for r in doc.relations] == \
+      [("BRCA1 and BRCA2", "cancer")]
+  assert doc.meta["novelty"] == {"R1": "Novel"} and "mention_parts" not in doc.meta
+  assert not skipped
+
+
+def test_relation_to_unknown_part_id_names_file_and_line(tmp_path):
+  path = tmp_path / "cdr.PubTator"
+  path.write_text(_CDR.replace("7\tCID\tD001\tD003556", "7\tCID\tD001\tD009999"))
+  with pytest.raises(DataError, match=r"cdr.PubTator:6: document 7: relation argument "
+                                      r"'D009999' is not the concept id of any mention"):
+    pubtator.read_pubtator(path)
+
+
+def test_biored_whole_composite_and_tmvar_ids(tmp_path):
+  # BioRED relates a `|` composite by its whole id string, and tmVar variant ids contain
+  # `|` without being composites.
+  path = tmp_path / "b.PubTator"
+  path.write_text("6|t|V600E and memory loss.\n6|a|x\n"
+                  "6\t0\t5\tV600E\tSequenceVariant\tp|SUB|V|600|E\n"
+                  "6\t10\t21\tmemory loss\tDiseaseOrPhenotypicFeature\tD007859|D008569\n"
+                  "6\tAssociation\tp|SUB|V|600|E\tD007859|D008569\tNovel\n\n")
+  (doc,), _ = pubtator.read_pubtator(path)
+  variant, disease = doc.entities
+  assert variant.concept_ids == ("p|SUB|V|600|E",)
+  assert disease.concept_ids == ("D007859", "D008569")
+  assert disease.concept_keys == ("D007859", "D008569", "D007859|D008569")
+  assert [(r.head, r.tail) for r in doc.relations] == [(variant.id, disease.id)]

@@ -93,6 +93,24 @@ def test_pooled_partitions_are_disjoint_and_covering(kind):
   assert {n: s.documents for n, s in again.items()} == {n: s.documents for n, s in pooled.items()}
 
 
+def _training_sites(plan_sites):
+  return [n for n, s in plan_sites.items() if s.role == "train"]
+
+
+def test_site_names_come_from_the_config_as_the_prepared_data_names_them(prepared):
+  _, data = prepared
+  assert sites_lib.training_site_names(_config()) == _training_sites(data.sites)
+  # Held-out sites (external, new_site) are named in the config but never train.
+  import configs.evaluate as evaluate_config
+  held_out = evaluate_config.get_config().data
+  names = sites_lib.training_site_names(held_out)
+  assert names == _training_sites(sites_lib.build_sites(held_out).sites)
+  assert len(names) == 3 and "telegraphic_clinic_2" not in names
+  pooled = _config(kind="iid", num_sites=3)
+  assert sites_lib.training_site_names(pooled) == \
+      _training_sites(sites_lib.build_sites(pooled).sites) == ["site0", "site1", "site2"]
+
+
 def test_train_cap_is_counted():
   c = _config()
   c.sites.narrative_hospital.max_train_examples = 50
@@ -161,3 +179,43 @@ def test_cross_corpus_twins_leave_dev_test_and_external_leaves_train(tmp_path):
   assert len(a.documents["test"]) == 3
   assert a.skipped[f"train: document also in hf:{tmp_path / 'ext'} (shared)"] == 1
   assert len(plan.sites["ext"].documents["test"]) == 1
+
+
+def _brat(folder, name, text):
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / f"{name}.txt").write_text(text)
+  (folder / f"{name}.ann").write_text(
+      f"T1\tDrug 0 7\t{text[:7]}\nT2\tEffect 15 23\t{text[15:23]}\nR1\tcauses Arg1:T1 Arg2:T2\n")
+
+
+def test_site_from_own_brat_folder(tmp_path):
+  # A hospital's own brat export, one subfolder per split, labels renamed by the config.
+  for split, n in (("train", 3), ("dev", 1), ("test", 1)):
+    for i in range(n):
+      _brat(tmp_path / "notes" / split, f"{split}{i}",
+            f"Aspirin causes bleeding in patient {split} {i}.")
+  c = _config()
+  c.sites = {"hospital": dict(
+      corpus=f"brat:{tmp_path / 'notes'}", tasks=("ner", "re"), unit="document",
+      labels=dict(entity_map={"Drug": "Medication"},
+                  entity_glosses={"Medication": "a drug", "Effect": "an effect"},
+                  relation_glosses={"causes": "an effect of the marked drug"}))}
+  site = sites_lib.build_sites(c).sites["hospital"]
+  assert {s: len(d) for s, d in site.documents.items()} == {"train": 3, "dev": 1, "test": 1}
+  ner = [e for e in site.examples["train"] if e.task == "ner"]
+  assert len(ner) == 3 and '<span class="Medication">Aspirin</span>' in ner[0].target
+  assert any(e.task == "re" for e in site.examples["train"])
+
+
+def test_single_file_corpus_serves_one_split_only(tmp_path):
+  path = tmp_path / "notes.tsv"
+  path.write_text("Severe\tO\ngout\tB-Disease\n")
+  c = _config()
+  c.sites = {"ext": dict(corpus=f"iob:{path}", tasks=("ner",), unit="document")}
+  with pytest.raises(DataError, match=r"config.sites.ext: corpus .* one collection without "
+                                      r"splits, so it can serve one split only, not 3"):
+    sites_lib.build_sites(c)
+  c.sites = {"ext": dict(corpus=f"iob:{path}", tasks=("ner",), unit="document",
+                         role="external", train_split=None, dev_split=None)}
+  site = sites_lib.build_sites(c).sites["ext"]
+  assert list(site.documents) == ["test"] and len(site.documents["test"]) == 1

@@ -9,15 +9,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lora.aggregators import get_aggregator
-from fedjax_lora.client import (ClientConfig, _row_losses, clip_per_example, client_update,
-                                dp_gradient)
+from fedjax_lora.algorithms import get_aggregator
+from fedjax_lora.client import ClientConfig, _row_losses, client_update
+from fedjax_lora.privacy.dp_sgd import clip_per_example, dp_gradient
 from models.lora import LoraAdapter
 from tests.test_client import tiny  # noqa: F401  (the shared tiny model and ragged batch)
 
 
 def tree_norm(tree):
   return float(np.sqrt(sum(np.sum(np.square(np.asarray(x))) for x in jax.tree.leaves(tree))))
+
+
+def clip_between(norms, clipped=1):
+  """A clip halfway between two adjacent norms, so that exactly the `clipped` largest exceed it.
+
+  A clip equal to one of the norms (a median, say) would leave "is that row clipped" to the
+  last ulp of two different computations of its norm; halfway across a checked gap leaves a
+  margin of several percent on both sides.
+  """
+  ordered = np.sort(np.asarray(norms, np.float64))[::-1]
+  hi, lo = ordered[clipped - 1], ordered[clipped]
+  assert hi > 1.1 * lo, (norms, clipped)  # a clear gap, so the midpoint is far from both
+  return float((lo + hi) / 2)
 
 
 def per_example_grads(graphdef, base, spec, params, batch):
@@ -37,7 +50,7 @@ def test_per_example_clipping_bound_and_padding_rows(tiny):
   grads, _ = per_example_grads(graphdef, base, spec, params, batch)
   norms = np.array([tree_norm(jax.tree.map(lambda g: g[i], grads)) for i in range(4)])
   assert norms[3] == 0.0 and np.all(norms[:3] > 0)  # padding contributes nothing
-  clip = float(np.median(norms[:3]))                   # some rows clipped, some not
+  clip = clip_between(norms[:3], clipped=2)            # some rows clipped, some not
   clipped, got_norms = clip_per_example(grads, clip)
   np.testing.assert_allclose(got_norms, norms, rtol=1e-5)
   for i in range(4):
@@ -61,8 +74,7 @@ def test_dp_gradient_is_the_mean_of_clipped_masked_grads_over_the_fixed_batch(ti
   masks = {t: {"a": jnp.float32(0.0), "b": jnp.float32(1.0)} for t in params}  # ffa: B only
   masked = jax.tree.map(lambda g, m: g * m, grads, masks)
   b_norms = np.array([tree_norm(jax.tree.map(lambda g: g[i], masked)) for i in range(4)])
-  # Just above the median norm: an exact tie would make "is it clipped" depend on the last ulp.
-  clip = float(np.median(b_norms[[0, 1, 3]])) * (1 + 1e-4)
+  clip = clip_between(b_norms[[0, 1, 3]])  # the real rows' largest norm alone is clipped
   cfg = ClientConfig(dp_clip=clip, loss_weighting="examples")
 
   def row_loss(p, row):
@@ -221,7 +233,7 @@ def test_dp_fedavg_without_noise_is_the_uniform_mean_and_clips_each_client():
   assert m["clipped"] == 0 and m["noise_std"] == 0 and m["present_clients"] == 3
   np.testing.assert_allclose(m["max_client_delta_norm"], norms[present].max(), rtol=1e-5)
 
-  clip, q_n, lr = float(np.median(norms[present])), 4.0, 0.5
+  clip, q_n, lr = clip_between(norms[present]), 4.0, 0.5
   agg = get_aggregator("dp_fedavg", clip=clip, expected_clients=q_n, server_lr=lr)
   junk = jax.tree.map(lambda x: x.copy(), clients)
   for leaf in jax.tree.leaves(junk):

@@ -170,6 +170,32 @@ def test_relation_task_skips_anchors_by_label_and_by_position():
   assert r["strict"]["fp"] == 1
 
 
+def test_evaluator_scores_with_the_examples_labels_not_the_prompt_text():
+  from fedjax_lora.eval import evaluator
+  # The prompts name no label at all: the classes come from the Example's label lists.
+  ner = tasks.Example("s", "ner", "d0", "Tag the text.", render(TEXT, GOLD), TEXT,
+                      tuple(GOLD), entity_labels=LABELS)
+  sets = evaluator.eval_sets("s", [ner])
+  assert sets["ner"].labels == set(LABELS) and not sets["ner"].ignore
+  assert evaluator.score_set(sets["ner"], [ner.target])["strict"]["f1"] == 1.0
+  foreign = evaluator.score_set(sets["ner"], [ner.target.replace('"Drug"', '"Gene"')])
+  assert foreign["problems"]["unknown label"] == 1 and foreign["strict"]["fp"] == 0
+  text = "Aspirin 81 mg daily for pain"
+  anchor = _span(text, "Aspirin", "Drug")
+  gold = (_span(text, "81 mg", "Strength"), _span(text, "daily", "Frequency"))
+  re_ex = tasks.Example("s", "re", "d1", "Mark the related spans.",
+                        render(text, [anchor, *gold]), text, gold, (anchor,),
+                        entity_labels=("Drug", "Reason"),
+                        relation_labels=("Strength", "Frequency", "Route"))
+  re_set = evaluator.eval_sets("s", [re_ex])["re"]
+  assert re_set.labels == {"Strength", "Frequency", "Route"}
+  assert re_set.ignore == {"Drug", "Reason"}
+  r = evaluator.score_set(re_set, [re_ex.target])
+  assert r["strict"]["f1"] == 1.0 and r["skipped"] == {"ignored-label span": 1}
+  with pytest.raises(ValueError, match="relation labels"):
+    evaluator.prompt_labels(tasks.Example("s", "re", "d2", "Mark.", text, text, gold))
+
+
 def test_bio_to_spans_reads_iob2_like_seqeval_strict():
   assert bio_to_spans(["B-A", "I-A", "I-B", "B-A", "O", "I-A", "B-B"]) == [
       (0, 2, "A"), (3, 4, "A"), (6, 7, "B")]

@@ -1,4 +1,4 @@
-"""Generation-based evaluation: labels from prompts, batched decoding, the settings runner."""
+"""Generation-based evaluation: labels from the examples, batched decoding, the settings runner."""
 
 import json
 
@@ -10,10 +10,11 @@ import pytest
 import configs.evaluate as evaluate_config
 from fedjax_lora import experiment
 from fedjax_lora.data import prepare, sites as sites_lib
+from fedjax_lora.data.arrays import pool, take_rows
 from fedjax_lora.data.markup import Span
 from fedjax_lora.eval import decoding, evaluator, plots
-from fedjax_lora.eval.settings import SETTINGS, SettingsRun, check_eval_config, pool, take_rows
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.eval.settings import SETTINGS, SettingsRun, check_eval_config
+from fedjax_lora.errors import ConfigError
 from models import llama
 from models import lora as lora_lib
 from models.config import LlamaConfig

@@ -14,7 +14,7 @@ import pytest
 from fedjax_lora import comm
 from fedjax_lora.eval import bootstrap, claims
 from fedjax_lora.eval.settings import SettingsRun, check_eval_config
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.errors import ConfigError
 from models.config import LlamaConfig
 from models.lora import LoraSpec
 from tests.test_eval_settings import QUIET, tiny_eval_config

@@ -19,7 +19,7 @@ from fedjax_lora import client_modes, experiment, mesh as mesh_lib, rounds
 from fedjax_lora.algorithms import ALGORITHMS
 from fedjax_lora.client import client_update
 from fedjax_lora.data import prepare
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = lambda s: None

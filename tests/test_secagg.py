@@ -8,9 +8,10 @@ import random
 import numpy as np
 import pytest
 
-from fedjax_lora.privacy.secagg import (SecAggClient, SecAggError, SecAggServer,
-                                        _interpolate_at_zero, dequantize, prg, quantize,
-                                        reconstruct_secret, secure_weighted_mean, split_secret)
+from fedjax_lora.privacy.secagg import (SecAggClient, SecAggError, SecAggServer, dequantize, prg,
+                                        quantize, reconstruct_secret, secure_weighted_mean,
+                                        split_secret)
+from fedjax_lora.privacy.secagg._shamir import _interpolate_at_zero
 
 IDS = ("alice", "bob", "carol", "dave", "erin")
 WEIGHTS = {"alice": 120.0, "bob": 37.0, "carol": 5.5, "dave": 300.0, "erin": 0.25}

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedjax_lora import experiment, mesh as mesh_lib
 from fedjax_lora.client import steps_per_round
 from fedjax_lora.security import audit, identity, ledger as ledger_lib
-from fedjax_lora.simulator import ConfigError
+from fedjax_lora.errors import ConfigError
 from tests.test_federation import REPO, build, data, small_config  # noqa: F401  (data: fixture)
 
 SITES = ("discharge_summary", "narrative_hospital", "telegraphic_clinic")
@@ -268,7 +268,7 @@ def test_an_edited_signature_is_found_even_in_a_rehashed_chain(replay_run, tmp_p
 
 
 def test_resume_without_the_ledger_it_needs_moves_nothing(replay_run, data, tmp_path):
-  from fedjax_lora.simulator import ResumeError
+  from fedjax_lora.errors import ResumeError
   workdir = _copy(replay_run, tmp_path)
   (workdir / ledger_lib.FILENAME).unlink()
   fed = build(data, workdir=workdir, **{"run.rounds": 2, "security.keep_uploads": True,

@@ -84,7 +84,7 @@ def test_logits_and_greedy_completion_match_transformers_on_the_same_gguf(ours):
 
 
 def test_chat_loss_mask_covers_exactly_the_assistant_answer(ours):
-  from fedjax_lora.data import encoding
+  from fedjax_lora.data import arrays as arrays_lib, encoding
   from fedjax_lora.data.tasks import Example
   tok = ours[3]
   renderer = templates.make_renderer(tok, "chat")
@@ -92,7 +92,7 @@ def test_chat_loss_mask_covers_exactly_the_assistant_answer(ours):
   answer = 'No <span class="problem">fever</span>.'
   ex = Example(source="s", task="ner", doc_id="d", prompt="Tag: No fever.", target=answer,
                text="No fever.", spans=())
-  arrays = encoding.to_arrays(encoding.encode([ex], renderer, 256), tok.pad_token_id, 256,
+  arrays = arrays_lib.to_arrays(encoding.encode([ex], renderer, 256), tok.pad_token_id, 256,
                               loss="completion")
   row = arrays.tokens[0][arrays.attention_mask[0]]
   supervised = row[arrays.loss_mask[0][arrays.attention_mask[0]] > 0]

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import client_modes
 from fedjax_lora.algorithms import get_algorithm
 from fedjax_lora.bench import memory, workload
@@ -75,7 +74,7 @@ def rounds(c, workdir, mode: str) -> dict:
   `sequential` or `chunked:N`), inputs from the host. K ascends, so the running peak of
   this process after K is that K's peak (a round's memory grows with K)."""
   cfg, graphdef, base, spec, adapter = _load(c, workdir)
-  aggregator = agg_lib.get_aggregator("fedavg")
+  aggregator = get_algorithm("fedavg").make_aggregator()
   device = jax.devices()[0]
   out = {}
   before = memory.rss_mb()

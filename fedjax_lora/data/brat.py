@@ -277,6 +277,35 @@ def read_brat(txt_path: str | os.PathLike, ann_path: str | os.PathLike,
   return doc, counts
 
 
+def read_brat_folder(folder: str | os.PathLike, entity_types: Iterable[str] | None = None,
+                     relation_types: Iterable[str] | None = None,
+                     ) -> tuple[list[Document], collections.Counter]:
+  """Every `.txt`/`.ann` pair under `folder` (subfolders too), in path order.
+
+  A document's id is its path below `folder` without the suffix (`notes/0001`). Each
+  `.ann` needs its `.txt` and each `.txt` its `.ann` (an unannotated document has an empty
+  `.ann`, as brat writes it); brat's `.conf` files and anything else are ignored.
+  """
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise DataError(f"{where(folder)}: brat folder not found")
+  paths = sorted(p for p in folder.rglob("*") if p.suffix in (".txt", ".ann") and p.is_file())
+  for path in paths:
+    other = path.with_suffix(".ann" if path.suffix == ".txt" else ".txt")
+    if not other.is_file():
+      raise DataError(f"{where(path)}: {other.name} is missing (brat keeps each document as "
+                      "a .txt with its .ann; an unannotated document needs an empty .ann)")
+  docs, skipped = [], collections.Counter()
+  for ann in (p for p in paths if p.suffix == ".ann"):
+    doc_id = ann.relative_to(folder).with_suffix("").as_posix()
+    doc, counts = read_brat(ann.with_suffix(".txt"), ann, doc_id, entity_types, relation_types)
+    docs.append(doc)
+    skipped.update(counts)
+  if not docs:
+    raise DataError(f"{where(folder)}: no brat documents (.txt + .ann pairs) found")
+  return docs, skipped
+
+
 # ---------------------------------------------------------------------------------- Chia
 
 CHIA_ENTITY_TYPES = ("Condition", "Qualifier", "Value", "Drug", "Procedure", "Temporal",

@@ -1,51 +1,26 @@
-"""Tokenizing examples once (cached as Arrow via `datasets`) into fixed-shape site arrays.
+"""Tokenizing examples once (cached as Arrow via `datasets`): token ids and prompt lengths.
 
 Sequences are rendered by `templates.Renderer` (the paper's `<s> prompt target </s>` or
 the base's chat template) and tokenized as one string so the prompt/answer boundary
 tokenizes exactly as at training time; the boundary token index comes from the
-tokenizer's character offsets. The loss covers the whole sequence by default, as in the
-paper's released code (`completion_only_loss=False`), or only the target. Per-site token
-counts n_k (supervised positions after the causal shift) are the Fed-MedLoRA weights.
+tokenizer's character offsets. `arrays.to_arrays` pads the result to fixed-shape site
+arrays with the loss mask: the whole sequence by default, as in the paper's released code
+(`completion_only_loss=False`), or only the target. Per-site token counts n_k (supervised
+positions after the causal shift) are the Fed-MedLoRA weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from fedjax_lora.data import templates
 from fedjax_lora.data.tasks import Example
 
-LOSS_MODES = ("full", "completion")
 CACHE_VERSION = 2  # bump when the encoding below changes
-
-
-@dataclasses.dataclass
-class SiteArrays:
-  """One split of one site, padded to a bucketed length.
-
-  tokens / attention_mask / loss_mask: [N, L]; loss_mask[i, t] = 1 where token t is a
-  supervised target (see fedjax_lora.losses.causal_lm_loss).
-  """
-  tokens: np.ndarray
-  attention_mask: np.ndarray
-  loss_mask: np.ndarray
-  prompt_lengths: np.ndarray  # tokens before the target (incl. <s>), for generation
-  truncated: int
-  without_targets: int = 0    # rows with no supervised token (completion loss, long prompt)
-
-  @property
-  def token_count(self) -> int:
-    return int(self.loss_mask[:, 1:].sum())
-
-  def __len__(self) -> int:
-    return int(self.tokens.shape[0])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -59,6 +34,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def examples_fingerprint(examples: Sequence[Example]) -> str:
+  """Hashes what gets tokenized (prompt and target); an Example's label lists are not
+  included: they never reach the tokens, and its prompt already spells them out."""
   h = hashlib.sha256()
   for ex in examples:
     for part in (ex.prompt, ex.target):
@@ -126,33 +103,3 @@ def encode(examples: Sequence[Example], tokenizer, max_length: int = 800,
     shutil.rmtree(tmp, ignore_errors=True)
     ds = datasets.load_from_disk(str(path))
   return ds
-
-
-def bucketed_length(longest: int, max_length: int, minimum: int = 16) -> int:
-  """Next power of two >= longest, capped at max_length, so few shapes get compiled."""
-  return min(max_length, max(minimum, 1 << max(0, int(longest - 1).bit_length())))
-
-
-def to_arrays(encoded, pad_id: int, max_length: int, loss: str = "full",
-              length: int | None = None) -> SiteArrays:
-  """Pads one split to [N, L]; L is bucketed unless `length` fixes it (e.g. across sites)."""
-  if loss not in LOSS_MODES:
-    raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
-  ids = encoded["input_ids"]
-  prompt_lengths = np.asarray(encoded["prompt_length"], np.int32).reshape(-1)
-  longest = max((len(s) for s in ids), default=1)
-  length = length or bucketed_length(longest, max_length)
-  if longest > length:
-    raise ValueError(f"sequence of {longest} tokens does not fit length {length}")
-  n = len(ids)
-  tokens = np.full((n, length), pad_id, np.int32)
-  attention = np.zeros((n, length), bool)
-  for i, s in enumerate(ids):
-    tokens[i, :len(s)] = s
-    attention[i, :len(s)] = True
-  loss_mask = attention.copy()
-  if loss == "completion":
-    loss_mask &= np.arange(length)[None, :] >= prompt_lengths[:, None]
-  without = int((loss_mask[:, 1:].sum(axis=1) == 0).sum())
-  return SiteArrays(tokens, attention, loss_mask.astype(np.float32), prompt_lengths,
-                    int(sum(encoded["truncated"])), without)

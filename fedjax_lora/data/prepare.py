@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from fedjax_lora.data import encoding, sites as sites_lib, templates
+from fedjax_lora.data import arrays as arrays_lib, encoding, sites as sites_lib, templates
 from fedjax_lora.data.records import DataError
 from fedjax_lora.paths import shared_dir
 
@@ -27,7 +27,7 @@ AUTO = "auto"
 @dataclasses.dataclass
 class PreparedData:
   sites: dict[str, sites_lib.Site]
-  arrays: dict[str, dict[str, encoding.SiteArrays]]
+  arrays: dict[str, dict[str, arrays_lib.SiteArrays]]
   tokenizer: object
   report: dict
   renderer: templates.Renderer | None = None  # how examples become text (prompt_format)
@@ -67,8 +67,8 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
   """Builds sites, tokenizes every split (Arrow-cached under out_dir/cache) and reports."""
   max_length = int(config.get("max_length", 800))
   loss = config.get("loss", "full")
-  if loss not in encoding.LOSS_MODES:
-    raise DataError(f"config.loss must be one of {encoding.LOSS_MODES}, got {loss!r}")
+  if loss not in arrays_lib.LOSS_MODES:
+    raise DataError(f"config.loss must be one of {arrays_lib.LOSS_MODES}, got {loss!r}")
   spec = config.get("tokenizer", "byte")
   if spec == AUTO:  # no base model brought its own tokenizer: the config's fallback
     spec = config.get("tokenizer_without_base", "bpe:1024")
@@ -100,7 +100,7 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
       log(f"tokenizing {name}/{split}: {len(examples)} examples")
       enc = encoding.encode(examples, renderer, max_length, cache,
                             {"site": name, "split": split, "config": config_blob})
-      arr = encoding.to_arrays(enc, pad_id, max_length, loss)
+      arr = arrays_lib.to_arrays(enc, pad_id, max_length, loss)
       arrays[name][split] = arr
       site_report["splits"][split] = {**site.stats[split], "tokens": arr.token_count,
                                       "sequence_length": int(arr.tokens.shape[1]),

@@ -1,14 +1,25 @@
-"""PubTator reader (BioRED, BC5CDR, NCBI-disease in PubTator form, ...).
+"""PubTator reader (BioRED, BioCreative V CDR, NCBI-disease in PubTator form, ...).
 
 A document is `PMID|t|title`, `PMID|a|abstract`, then tab-separated annotation lines:
-mentions `PMID start end text type [concept ids]` and document-level relations
-`PMID type id1 id2 [novelty]` between concept ids (not mentions). Offsets are over
-title + " " + abstract.
+mentions `PMID start end text type [concept ids [part texts]]` and document-level
+relations `PMID type id1 id2 [novelty]` between concept ids (not mentions). Offsets are
+over title + " " + abstract.
 
-Concept-level relations become mention-level `Relation`s: every mention of id1 paired
-with every mention of id2, all sharing the concept relation's id (`Rn`), so the concept
-count stays recoverable and a later window split can tell whether any pair of a concept
-relation survived. Mentions may carry several ids (`3172,3651`); each counts.
+Concept ids of a mention, in the conventions of the public releases:
+* one id (`D009270`, `3172`), or several for a composite mention, separated by `,`
+  (BioRED: `3172,3651`) or `|` (BC5CDR, NCBI-disease: `D006470|D003556`); BioRED's tmVar
+  variant ids (`c|SUB|G|135|C`) contain `|` but are one id (see `Entity.concept_ids`).
+  A relation may name a composite by one of its ids (BC5CDR) or whole (BioRED);
+* BC5CDR writes one more column after a composite mention's ids, the text of each part
+  (`fever|chills`). It is kept in `Document.meta["mention_parts"]` (entity id -> parts);
+  a part count that differs from the id count is counted, not an error;
+* `-1`: an unnormalised mention. It is an entity without a concept id, so no relation
+  can name it, and a relation argument `-1` is an error.
+
+Concept-level relations become mention-level `Relation`s: every mention carrying id1
+paired with every mention carrying id2 (a composite mention carries each of its ids), all
+sharing the concept relation's id (`Rn`), so the concept count stays recoverable and a
+later window split can tell whether any pair of a concept relation survived.
 """
 
 from __future__ import annotations
@@ -27,6 +38,10 @@ BIORED_ENTITY_TYPES = ("GeneOrGeneProduct", "DiseaseOrPhenotypicFeature", "Chemi
 BIORED_RELATION_TYPES = ("Association", "Positive_Correlation", "Negative_Correlation", "Bind",
                          "Cotreatment", "Comparison", "Drug_Interaction", "Conversion")
 BIORED_SPLITS = {"train": "Train.PubTator", "dev": "Dev.PubTator", "test": "Test.PubTator"}
+# BioCreative V CDR (BC5CDR): chemical-induced disease relations between MeSH ids.
+BC5CDR_ENTITY_TYPES = ("Chemical", "Disease")
+BC5CDR_RELATION_TYPES = ("CID",)
+NO_CONCEPT = "-1"  # the concept id PubTator corpora give an unnormalised mention
 
 _HEADER = re.compile(r"^([^|\t]+)\|([ta])\|(.*)$")
 class _Builder:
@@ -46,6 +61,7 @@ class _Builder:
                       "line (truncated file?)")
     text = self.title + " " + self.abstract if self.abstract else self.title
     entities, by_concept = [], collections.defaultdict(list)
+    mention_parts: dict[str, tuple[str, ...]] = {}
     for lineno, f in self.mentions:
       here = where(self.source, lineno, self.pmid)
       try:
@@ -59,11 +75,20 @@ class _Builder:
                         f"{text[start:end]!r}")
       if entity_types is not None and f[4] not in entity_types:
         raise DataError(f"{here}: unknown entity type {f[4]!r}")
-      concept = f[5] if len(f) > 5 else ""
+      concept = f[5].strip() if len(f) > 5 else ""
+      if concept == NO_CONCEPT:
+        concept = ""
+        skipped["mentions without a concept id (-1; kept as entities, not a skip)"] += 1
       ent = Entity(id=f"T{len(entities) + 1}", start=start, end=end, type=f[4], text=f[3],
                    concept=concept)
       entities.append(ent)
-      for c in ent.concept_ids:
+      if len(f) > 6 and f[6].strip():
+        parts = tuple(f[6].split("|"))
+        mention_parts[ent.id] = parts
+        if len(parts) != len(ent.concept_ids):
+          skipped["composite mentions whose part texts and concept ids differ in number "
+                  "(ids kept)"] += 1
+      for c in ent.concept_keys:
         by_concept[c].append(ent.id)
     relations, novelty, relation_concepts = [], {}, {}
     for n, (lineno, f) in enumerate(self.relations, start=1):
@@ -72,6 +97,9 @@ class _Builder:
       if relation_types is not None and rel_type not in relation_types:
         raise DataError(f"{here}: unknown relation type {rel_type!r}")
       for c in (id1, id2):
+        if c.strip() == NO_CONCEPT:
+          raise DataError(f"{here}: relation argument {c!r} marks an unnormalised mention, "
+                          "which has no concept id to relate")
         if c not in by_concept:
           raise DataError(f"{here}: relation argument {c!r} is not the concept id of any mention")
       rel_id = f"R{n}"
@@ -86,7 +114,8 @@ class _Builder:
                    source=self.source, line=self.line,
                    meta={"pmid": self.pmid, "title_length": len(self.title),
                          "concept_relations": len(self.relations), "novelty": novelty,
-                         "relation_concepts": relation_concepts})
+                         "relation_concepts": relation_concepts,
+                         **({"mention_parts": mention_parts} if mention_parts else {})})
     validate_document(doc)
     return doc
 

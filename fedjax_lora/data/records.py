@@ -10,11 +10,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 from typing import Iterable, Mapping
+from fedjax_lora.errors import DataError
 
 
-class DataError(ValueError):
-  """Bad input data. The message starts with `file:line:` (or the document id)."""
+_TMVAR = re.compile(r"^[a-z]?\|")  # tmVar variant ids: c|SUB|G|135|C, p|FS|Y|329||, |DEL|46|S
+_NO_ID = ("", "-", "-1")
 
 
 def where(source: str | os.PathLike | None, line: int | None = None,
@@ -54,9 +56,24 @@ class Entity:
 
   @property
   def concept_ids(self) -> tuple[str, ...]:
-    """The ids in `concept`; several are separated by commas or semicolons ("-" = none)."""
-    return tuple(c.strip() for c in self.concept.replace(";", ",").split(",")
-                 if c.strip() not in ("", "-", "-1"))
+    """The ids in `concept`, in order, without repeats.
+
+    Ids are separated by `,` (BioRED), `;` or, for composite mentions, `|` (BC5CDR,
+    NCBI-disease, a few BioRED diseases: `D006470|D003556`). A tmVar variant id keeps its
+    own `|`s (`c|SUB|G|135|C`, `|DEL|46|S`). `-` and `-1` (unnormalised) mean no id.
+    """
+    ids = []
+    for piece in re.split(r"[,;]", self.concept):
+      piece = piece.strip()
+      ids.extend([piece] if _TMVAR.match(piece) else (p.strip() for p in piece.split("|")))
+    return tuple(dict.fromkeys(c for c in ids if c not in _NO_ID))
+
+  @property
+  def concept_keys(self) -> tuple[str, ...]:
+    """Every id a relation may name this mention by: `concept_ids`, plus each composite as
+    written (`D006470|D003556`), since BioRED relates composites whole and BC5CDR by part."""
+    whole = (p.strip() for p in re.split(r"[,;]", self.concept) if "|" in p)
+    return tuple(dict.fromkeys([*self.concept_ids, *(w for w in whole if w not in _NO_ID)]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedjax_lora.data import dedup, partition, windows
 from fedjax_lora.data import tasks as task_lib
-from fedjax_lora.data.corpora import load_corpus
+from fedjax_lora.data.corpora import load_corpus, single_collection
 from fedjax_lora.data.records import Corpus, DataError, Document
 
 SPLITS = ("train", "dev", "test")
@@ -65,6 +65,12 @@ def source_from_config(name: str, cfg) -> SourceSpec:
       max_train_examples=int(get("max_train_examples", 0) or 0), role=get("role", "train"))
   if not spec.corpus:
     raise DataError(f"config.sites.{name}: `corpus` is required")
+  used = [s for s in spec.splits.values() if s is not None]
+  if len(used) > 1 and single_collection(spec.corpus):
+    raise DataError(f"config.sites.{name}: corpus {spec.corpus!r} is one collection without "
+                    f"splits, so it can serve one split only, not {len(used)} ({used}): set the "
+                    "other *_split fields to None, or give a folder of split files or a path "
+                    "with {split}")
   if spec.role not in ROLES:
     raise DataError(f"config.sites.{name}.role must be one of {ROLES}, got {spec.role!r}")
   for t in spec.tasks:
@@ -200,6 +206,17 @@ def _stats(examples: Sequence[task_lib.Example], documents: int) -> dict:
           "entities": dict(sorted(ent.items())), "relation_targets": dict(sorted(rel.items()))}
 
 
+def training_site_names(config) -> list[str]:
+  """The names of a data config's training (federated) sites, in order, without reading
+  any corpus: with the natural partition, the sources with role "train"; otherwise the
+  pooled sites `site0`, `site1`, ... (`partition.num_sites` of them). `build_sites` names
+  its training sites with this function."""
+  part = config.get("partition", None) or {}
+  if part.get("kind", "natural") == "natural":
+    return [name for name, cfg in config.sites.items() if cfg.get("role", "train") == "train"]
+  return [f"site{i}" for i in range(int(part.get("num_sites", 0) or 0))]
+
+
 def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_token_count,
                 log: Callable[[str], None] = lambda s: None) -> "SitePlan":
   """All sites of a data config (see configs/data_*.py), deterministic for config.seed."""
@@ -229,7 +246,7 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
   kind = part.get("kind", "natural")
   if kind not in partition.PARTITIONERS:
     raise DataError(f"config.partition.kind must be one of {partition.PARTITIONERS}, got {kind!r}")
-  assignment = _assign(kind, part, prepared, seed)
+  assignment = _assign(kind, part, prepared, seed, training_site_names(config))
   sites = {}
   for site_name, role, members in assignment:
     examples, documents, stats = {}, {}, {}
@@ -265,17 +282,19 @@ def build_sites(config, count_tokens: windows.TokenCounter = windows.approx_toke
   return SitePlan(sites, {name: p.skipped for name, p in prepared.items()})
 
 
-def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int):
-  """[(site name, role, {split: [(source, corpus document index)]})]."""
+def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int,
+            train_names: Sequence[str]):
+  """[(site name, role, {split: [(source, corpus document index)]})]; the training sites
+  are named `train_names` (`training_site_names`)."""
   out = []
   external = [p for p in prepared.values() if p.spec.role in HELD_OUT]
   training = [p for p in prepared.values() if p.spec.role == "train"]
-  if kind == "natural":
-    for p in training + external:
+  if kind == "natural":  # every training source is a site of its own name
+    for p in [prepared[name] for name in train_names] + external:
       out.append((p.spec.name, p.spec.role,
                   {s: [(p.spec.name, i) for i in range(len(d))] for s, d in p.docs.items()}))
     return out
-  num_sites = int(part.get("num_sites", 0) or 0)
+  num_sites = len(train_names)
   if num_sites < 1:
     raise DataError(f"config.partition.num_sites must be >= 1 for partition {kind!r}")
   alpha = float(part.get("alpha", 0.5))
@@ -298,7 +317,7 @@ def _assign(kind: str, part, prepared: Mapping[str, _Prepared], seed: int):
                                   int(part.get("min_size", 1)))
     for s, idx in enumerate(parts):
       pooled_members[s][split] = [pool[i] for i in idx]
-  out += [(f"site{s}", "train", m) for s, m in enumerate(pooled_members)]
+  out += [(name, "train", m) for name, m in zip(train_names, pooled_members)]
   for p in external:
     out.append((p.spec.name, p.spec.role,
                 {s: [(p.spec.name, i) for i in range(len(d))] for s, d in p.docs.items()}))

@@ -59,7 +59,12 @@ class LabelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One instruction example; `spans` are the gold spans over `text` that evaluation scores."""
+  """One instruction example; `spans` are the gold spans over `text` that evaluation scores.
+
+  `entity_labels` / `relation_labels` are the label lists its prompt offers (NER: the
+  entity types to tag; RE: the anchor entity types and the relation types to mark), so
+  evaluation scores the classes the example was asked for without reading the prompt.
+  """
   source: str
   task: str
   doc_id: str
@@ -71,6 +76,8 @@ class Example:
   # The source document the window came from (PHEE: its abstract's PMID), so that a
   # bootstrap can draw a note's sentences together; "" = doc_id.
   document: str = ""
+  entity_labels: tuple[str, ...] = ()
+  relation_labels: tuple[str, ...] = ()
 
 
 def source_document(doc: Document) -> str:
@@ -162,7 +169,7 @@ def ner_examples(source: str, doc: Document, spans: Mapping[str, Span], labels: 
     return []
   return [Example(source, "ner", doc.id, ner_prompt(doc.text, labels, spec),
                   render(doc.text, kept), doc.text, tuple(kept),
-                  document=source_document(doc))]
+                  document=source_document(doc), entity_labels=tuple(labels))]
 
 
 def _closed_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -226,7 +233,7 @@ def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
     if spec.group_by_concept and (head_concept or by_id[head].concept):
       concept = head_concept or by_id[head].concept
       key = f"concept:{concept}"
-      anchors_of[key].update(i for i in spans if concept in by_id[i].concept_ids)
+      anchors_of[key].update(i for i in spans if concept in by_id[i].concept_keys)
     else:
       key = head
     anchors_of[key].add(head)
@@ -246,7 +253,9 @@ def re_examples(source: str, doc: Document, spans: Mapping[str, Span],
     prompt = re_prompt(render(doc.text, anchors), entity_labels, relation_labels, spec)
     examples.append(Example(source, "re", f"{doc.id}@{key}", prompt,
                             render(doc.text, sorted([*anchors, *kept])), doc.text, tuple(kept),
-                            tuple(anchors), document=source_document(doc)))
+                            tuple(anchors), document=source_document(doc),
+                            entity_labels=tuple(entity_labels),
+                            relation_labels=tuple(relation_labels)))
   return examples
 
 
@@ -260,7 +269,7 @@ def build_examples(source: str, windows: Sequence[Document], tasks: Sequence[str
       raise DataError(f"source {source}: unknown task {t!r}; choose from {TASKS}")
   if discontinuous not in DISCONTINUOUS_POLICIES:
     raise DataError(f"source {source}: discontinuous must be one of {DISCONTINUOUS_POLICIES}")
-  entity_labels, relation_labels = labels
+  entity_labels, relation_labels = tuple(labels[0]), tuple(labels[1])  # shared by examples
   out = []
   for doc in windows:
     spans = mention_spans(doc, spec, discontinuous, report)

@@ -18,14 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from fedjax_lora.data.records import DataError
 from models.tokenizer import chat_end_of_turn
+from fedjax_lora.errors import TemplateError
 
 PROMPT_FORMATS = ("paper", "chat")
-
-
-class TemplateError(DataError):
-  """The prompt format cannot be rendered with this tokenizer; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora.data import templates
+from fedjax_lora.data.arrays import bucket_size
 from models import generation
 from models import lora as lora_lib
 
@@ -103,8 +104,9 @@ def budget(n_input_tokens: int, cfg: DecodeConfig) -> int:
 
 
 def prompt_bucket(n_prompt_tokens: int) -> int:
-  """The padded prompt length a prompt is decoded at (one compiled program per bucket)."""
-  return generation.bucket_length(n_prompt_tokens)
+  """The padded prompt length a prompt is decoded at (one compiled program per bucket):
+  the power-of-two rule training buckets its sequence lengths with, without the cap."""
+  return bucket_size(n_prompt_tokens)
 
 
 def batch_sizes(n_rows: int, batch_size: int) -> list[int]:
@@ -112,7 +114,7 @@ def batch_sizes(n_rows: int, batch_size: int) -> list[int]:
   the next power of two. 4 prompts in a batch of 16 would spend three quarters of every
   step on copies (about 50 s per site and round of the per-round hook, 135M base, 2 cores)."""
   full, rest = divmod(n_rows, batch_size)
-  return [batch_size] * full + ([min(batch_size, 1 << (rest - 1).bit_length())] if rest else [])
+  return [batch_size] * full + ([bucket_size(rest, minimum=1, cap=batch_size)] if rest else [])
 
 
 class Decoder:

@@ -1,15 +1,15 @@
 """Generation-based scoring of one model on sites' test examples (method.md §7).
 
-Each site's examples are scored per task (NER, RE) with the labels its own prompts list:
-the classes named in an NER prompt's markup guide, or in an RE prompt's modifier guide,
-whose anchor classes are ignored. The model answers the prompt the site trained on; the
-answer is parsed, aligned to the gold text and scored by `metrics.score`.
+Each site's examples are scored per task (NER, RE) with the labels its own prompts list,
+as each `Example` carries them: an NER example's entity types, or an RE example's
+relation types, whose anchor entity types are ignored. The model answers the prompt the
+site trained on; the answer is parsed, aligned to the gold text and scored by
+`metrics.score`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -19,9 +19,6 @@ from fedjax_lora.eval import metrics
 from fedjax_lora.eval.decoding import Decoder, DecodeStats
 
 TASK_NAMES = ("ner", "re")
-_GUIDE = re.compile(r'^Use <span class="([^"]+)"> to denote', re.M)
-_RE_SECTIONS = re.compile(r"### Input Entity Markup Guides:\n(.*?)\n### Modifier Entity Markup "
-                          r"Guide:\n(.*?)\n### Input Text:", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +33,15 @@ class EvalSet:
 
 
 def prompt_labels(example: Example) -> tuple[set[str], set[str]]:
-  """(scored classes, ignored anchor classes) named in the example's own prompt."""
+  """(scored classes, ignored anchor classes) of the label lists the example's prompt
+  offers, as the example carries them (`Example.entity_labels` / `relation_labels`)."""
   if example.task == "re":
-    m = _RE_SECTIONS.search(example.prompt)
-    if m is None:
-      raise ValueError(f"example {example.doc_id}: RE prompt without its markup guide sections")
-    anchors, modifiers = set(_GUIDE.findall(m.group(1))), set(_GUIDE.findall(m.group(2)))
-    return modifiers, (anchors | {a.label for a in example.anchors}) - modifiers
-  return set(_GUIDE.findall(example.prompt)), set()
+    if not example.relation_labels:
+      raise ValueError(f"example {example.doc_id}: RE example without its relation labels")
+    modifiers = set(example.relation_labels)
+    anchors = set(example.entity_labels) | {a.label for a in example.anchors}
+    return modifiers, anchors - modifiers
+  return set(example.entity_labels), set()
 
 
 def spread(n: int, k: int) -> list[int]:

@@ -27,7 +27,6 @@ them into the claim table with bootstrap intervals (eval/claims.py).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import shutil
 import time
@@ -40,7 +39,7 @@ import numpy as np
 from flax import serialization
 
 from fedjax_lora import comm, experiment, files
-from fedjax_lora.data.encoding import SiteArrays
+from fedjax_lora.data.arrays import pool, take_rows
 from fedjax_lora.eval import bootstrap, plots, report
 from fedjax_lora.eval import claims as claims_lib
 from fedjax_lora.eval import summary_plots
@@ -49,7 +48,9 @@ from fedjax_lora.compile_meter import CompileMeter
 from fedjax_lora.eval.decoding import DecodeConfig, Decoder
 from fedjax_lora.eval.evaluator import TASK_NAMES, aggregate_sites, eval_sets, evaluate_sets
 from fedjax_lora.eval.hooks import hook_from_config, site_models
-from fedjax_lora.simulator import ConfigError, SiteData
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.simulator import SiteData
+from fedjax_lora.translate import lora_spec
 from models import lora
 from models.config import LlamaConfig
 
@@ -113,28 +114,6 @@ def check_eval_config(config) -> None:
     raise ConfigError("config.eval.max_examples_per_task and round_examples_per_task must "
                       "be >= 0 (0 = all / off)")
   decode_config(ev)
-
-
-def take_rows(arrays: SiteArrays, n: int) -> SiteArrays:
-  """The first n examples (training splits are already shuffled when built)."""
-  return dataclasses.replace(arrays, tokens=arrays.tokens[:n],
-                             attention_mask=arrays.attention_mask[:n],
-                             loss_mask=arrays.loss_mask[:n],
-                             prompt_lengths=arrays.prompt_lengths[:n],
-                             truncated=0, without_targets=0)  # not tracked per row
-
-
-def pool(arrays: list[SiteArrays]) -> SiteArrays:
-  """All rows of several sites, padded to the longest length (centralized training)."""
-  length = max(a.tokens.shape[1] for a in arrays)
-
-  def pad(x, fill=0):
-    return np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=fill)
-  return SiteArrays(np.concatenate([pad(a.tokens) for a in arrays]),
-                    np.concatenate([pad(a.attention_mask) for a in arrays]),
-                    np.concatenate([pad(a.loss_mask) for a in arrays]),
-                    np.concatenate([a.prompt_lengths for a in arrays]),
-                    sum(a.truncated for a in arrays), sum(a.without_targets for a in arrays))
 
 
 class SettingsRun:
@@ -269,9 +248,7 @@ class SettingsRun:
     return res
 
   def _zero_adapter(self):
-    lc = self.config.lora
-    spec = lora.LoraSpec(rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
-                         layers=tuple(lc.layers) or None)
+    spec = lora_spec(self.config.lora)
     return [lora.init_adapter(self.model[0], spec, jax.random.key(0))]  # B = 0: the base
 
   def _everywhere(self) -> list[str]:
@@ -457,8 +434,7 @@ class SettingsRun:
     eval.comm_rank in eval.comm_dtype_bytes bytes; plus the bytes measured in the first
     federated run."""
     lc, ev = self.config.lora, self.ev
-    spec = lora.LoraSpec(rank=lc.rank, alpha=lc.alpha, targets=lc.targets,
-                         layers=tuple(lc.layers) or None)
+    spec = lora_spec(lc)
     arithmetic = {"this base": {**comm.adapter_traffic(self.model[0], spec, 4),
                                 "lora": f"r={lc.rank}, {lc.targets}, float32"}}
     wide = lora.LoraSpec(rank=ev.comm_rank, alpha=2.0 * ev.comm_rank, targets=lc.targets)

@@ -24,13 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedjax_lora import files
 from fedjax_lora.checkpointing import keys_to_data, path_names
+from fedjax_lora.errors import IdentityError
 
 REGISTRY = "registry.json"
 DOMAIN = b"fedjax-lora upload v1"
-
-
-class IdentityError(ValueError):
-  """A key or registry file that cannot be used (names the file and the problem)."""
 
 
 class RejectedUpload(Exception):
@@ -151,6 +148,14 @@ def load_registry(directory: str | os.PathLike) -> dict[str, ed25519.Ed25519Publ
       raise IdentityError(f"{path}: site {site!r}: client_id is not SHA-256 of its public key")
     registry[cid] = key
   return registry
+
+
+def registered_sites(directory: str | os.PathLike) -> dict[str, str]:
+  """site -> client id from the registry (checked as `load_registry` checks it): how the
+  server knows which key an upload from a given site must be signed with."""
+  load_registry(directory)
+  entries = json.loads((Path(directory) / REGISTRY).read_text())
+  return {site: entry["client_id"] for site, entry in entries.items()}
 
 
 def ensure_identities(directory: str | os.PathLike, sites: list[str]) -> dict[str, SiteIdentity]:

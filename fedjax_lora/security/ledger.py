@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from fedjax_lora import files
+from fedjax_lora.errors import LedgerError
 
 FILENAME = "ledger.jsonl"
 ZERO_HASH = "0" * 64
-
-
-class LedgerError(ValueError):
-  """A ledger file that cannot be read or used (names the file and line)."""
 
 
 def block_hash(block: dict) -> str:

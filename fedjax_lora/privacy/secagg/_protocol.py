@@ -1,203 +1,33 @@
-"""Simulated secure aggregation (Bonawitz et al., CCS 2017, eprint 2017/281) for weighted FedAvg.
+"""The secure aggregation protocol: clients deal shares and mask, the server unmasks the sums.
 
-Why: the server should learn only sum_k n_k x_k and sum_k n_k over the clients that finished a
-round, never one client's update. Weighting is therefore done client-side: each client masks
-the fixed-point vector [n_k x_k, n_k] and the server divides the two unmasked sums.
-
-Protocol (semi-honest, one round, run in-process with real primitives):
-  1. Each client makes an X25519 key pair and a 32-byte self-mask seed b_u; the server
-     broadcasts all public keys.
-  2. Each client Shamir-shares (t-of-n, over GF(2^521 - 1)) its X25519 private key and b_u
-     among all clients of the round. Shares travel client to client (`ShareBundle`); the real
-     protocol encrypts them under a second key pair and routes them through the server, which
-     this simulation takes as a private channel.
-  3. Client u sends y_u = q(x_u) + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) mod 2^64,
-     with s_uv = HKDF-SHA256(X25519(u, v), info = round and both ids in sorted order), so the
-     pairwise masks cancel in sum_u y_u and are fresh every round.
-  4. For each client the server asks the survivors for shares of b_u (u survived) or of u's
-     private key (u dropped after masking), never both: each client refuses to reveal the
-     second kind for the same peer. The server removes the self masks of survivors and the
-     left-over pairwise masks between dropped clients and survivors.
-
-The PRG is AES-256-CTR (seed = key, zero nonce; every key is used for exactly one stream), read
-as little-endian uint64. Fixed point: q(x) = round(x * 2^f) in two's complement modulo 2^64.
+`SecAggClient` and `SecAggServer` are the two roles of one round; `SecAggRound` runs them
+phase by phase (the one orchestration), and `secure_weighted_mean` runs a whole round
+in-process through it. The package docstring (`fedjax_lora.privacy.secagg`) describes the
+protocol step by step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-PRIME = 2**521 - 1  # Mersenne prime: the Shamir field, large enough for 32-byte secrets
-SEED_BYTES = 32
-DEFAULT_FRAC_BITS = 24
-_DOMAIN = "fedjax-lora/secagg/v1"
-
-Share = tuple[int, int]  # (x, y) point of a Shamir polynomial over GF(PRIME)
+from fedjax_lora.privacy.secagg._errors import SecAggError
+from fedjax_lora.privacy.secagg._fixed_point import (DEFAULT_FRAC_BITS, _check_frac_bits, _first,
+                                                     dequantize, quantization_bound, quantize)
+from fedjax_lora.privacy.secagg._prg import SEED_BYTES, _kdf, _pair_mask, prg
+from fedjax_lora.privacy.secagg._shamir import Share, reconstruct_secret, split_secret
 
 
-class SecAggError(ValueError):
-  """Secure aggregation cannot proceed safely or correctly."""
-
-
-# ----------------------------------------------------------------------------- fixed point
-
-def _first(mask: np.ndarray):
-  """Index of the first True entry: an int for vectors, a tuple otherwise (for messages)."""
-  idx = tuple(int(i) for i in np.argwhere(mask)[0])
-  return idx[0] if len(idx) == 1 else idx
-
-
-def _check_frac_bits(frac_bits: int) -> int:
-  if isinstance(frac_bits, bool) or not isinstance(frac_bits, (int, np.integer)) \
-      or not 0 <= frac_bits <= 62:
-    raise SecAggError(f"frac_bits={frac_bits!r}: must be an integer in [0, 62]")
-  return int(frac_bits)
-
-
-def _check_count(num_clients: int) -> int:
-  if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) \
-      or num_clients < 1:
-    raise SecAggError(f"num_clients={num_clients!r}: must be an integer >= 1")
-  return int(num_clients)
-
-
-def _max_abs_int(num_clients: int) -> float:
-  """Largest |q| such that num_clients of them sum below 2^63; as a float that is never above."""
-  exact = (2**63 - 1) // num_clients
-  limit = float(exact)
-  if int(limit) > exact:  # float rounding went up; step down one ulp
-    limit = float(np.nextafter(limit, 0.0))
-  return limit
-
-
-def safe_range(frac_bits: int = DEFAULT_FRAC_BITS, num_clients: int = 1) -> float:
-  """Largest |x| that `quantize` accepts, so a sum of num_clients values cannot wrap."""
-  return _max_abs_int(_check_count(num_clients)) / 2.0**_check_frac_bits(frac_bits)
-
-
-def quantize(x, frac_bits: int = DEFAULT_FRAC_BITS, num_clients: int = 1) -> np.ndarray:
-  """round(x * 2^f) as two's complement uint64; rejects values a num_clients-sum could wrap."""
-  frac_bits, num_clients = _check_frac_bits(frac_bits), _check_count(num_clients)
-  arr = np.asarray(x, dtype=np.float64)
-  bad = ~np.isfinite(arr)
-  if bad.any():
-    idx = _first(bad)
-    raise SecAggError(f"cannot quantize non-finite value {float(arr[idx])!r} at index {idx}")
-  with np.errstate(over="ignore"):
-    scaled = np.rint(arr * 2.0**frac_bits)  # exact scaling by a power of two, then round
-  over = np.abs(scaled) > _max_abs_int(num_clients)
-  if over.any():
-    idx = _first(over)
-    raise SecAggError(
-        f"value {float(arr[idx])!r} at index {idx} is outside the safe fixed-point range "
-        f"|x| <= {safe_range(frac_bits, num_clients):.6g} for frac_bits={frac_bits} and "
-        f"num_clients={num_clients} (a sum of that many values would wrap modulo 2^64); "
-        "rescale the update or lower frac_bits")
-  return scaled.astype(np.int64).view(np.uint64)
-
-
-def dequantize(total, frac_bits: int = DEFAULT_FRAC_BITS) -> np.ndarray:
-  """Reads a uint64 ring element (or sum) as a signed fixed-point float64."""
-  frac_bits = _check_frac_bits(frac_bits)
-  arr = np.asarray(total)
-  if arr.dtype != np.uint64:
-    raise SecAggError(f"dequantize expects uint64 ring elements, got dtype {arr.dtype}")
-  return arr.view(np.int64).astype(np.float64) / 2.0**frac_bits
-
-
-# ----------------------------------------------------------------------------- PRG and KDF
-
-def prg(seed: bytes, length: int) -> np.ndarray:
-  """AES-256-CTR keystream under key `seed` (zero nonce) as `length` uniform uint64 values."""
-  if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
-    raise SecAggError(f"PRG seed must be {SEED_BYTES} bytes")
-  encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-  stream = encryptor.update(bytes(8 * length)) + encryptor.finalize()
-  return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
-
-
-def _kdf(material: bytes, *label) -> bytes:
-  """HKDF-SHA256 to 32 bytes; the JSON label keeps (round, ids) unambiguous."""
-  info = json.dumps([_DOMAIN, *label]).encode()
-  return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(material)
-
-
-def pairwise_seed(shared_secret: bytes, round: int, a: str, b: str) -> bytes:
-  """s_ab = s_ba: bound to the round so masks never repeat across rounds."""
-  lo, hi = sorted((a, b))
-  return _kdf(shared_secret, "pairwise-mask", round, lo, hi)
-
-
-def _pair_mask(private: X25519PrivateKey, peer_public: bytes, round: int, me: str, peer: str,
-               length: int) -> np.ndarray:
-  shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
-  return prg(pairwise_seed(shared, round, me, peer), length)
-
-
-# ----------------------------------------------------------------------------- Shamir
-
-def _eval_poly(coeffs: Sequence[int], x: int) -> int:
-  acc = 0
-  for c in reversed(coeffs):
-    acc = (acc * x + c) % PRIME
-  return acc
-
-
-def split_secret(secret: bytes, n: int, t: int, rng=None) -> list[Share]:
-  """t-of-n Shamir shares at x = 1..n; any t-1 of them are independent of the secret.
-
-  rng: anything with `randrange` (default `secrets.SystemRandom()`); a seeded
-  `random.Random` is for reproducible simulations only, not for real secrets.
-  """
-  if not isinstance(secret, bytes) or len(secret) * 8 >= PRIME.bit_length():
-    raise SecAggError(f"secret must be bytes shorter than {PRIME.bit_length() // 8} bytes")
-  if isinstance(n, bool) or isinstance(t, bool) or not 1 <= t <= n:
-    raise SecAggError(f"Shamir needs 1 <= t <= n, got t={t!r}, n={n!r}")
-  rng = secrets.SystemRandom() if rng is None else rng
-  coeffs = [int.from_bytes(secret, "big")] + [rng.randrange(PRIME) for _ in range(t - 1)]
-  return [(x, _eval_poly(coeffs, x)) for x in range(1, n + 1)]
-
-
-def _interpolate_at_zero(shares: Sequence[Share]) -> int:
-  xs = [x % PRIME for x, _ in shares]
-  if len(set(xs)) != len(xs) or 0 in xs:
-    raise SecAggError("Shamir shares must have distinct non-zero x coordinates")
-  total = 0
-  for i, (xi, yi) in enumerate(shares):
-    num, den = 1, 1
-    for j, xj in enumerate(xs):
-      if j != i:
-        num = num * -xj % PRIME
-        den = den * (xi - xj) % PRIME
-    total = (total + yi * num * pow(den, -1, PRIME)) % PRIME
-  return total
-
-
-def reconstruct_secret(shares: Sequence[Share], length: int) -> bytes:
-  """The `length`-byte secret from >= t shares.
-
-  Fewer than t shares interpolate to a uniform field element, which fits in `length` bytes with
-  negligible probability; that case is reported instead of returning garbage.
-  """
-  if not shares:
-    raise SecAggError("cannot reconstruct a secret from zero shares")
-  value = _interpolate_at_zero(list(shares))
-  if value >> (8 * length):
-    raise SecAggError(
-        f"the {len(shares)} shares do not interpolate to a {length}-byte secret: too few shares "
-        "(below the threshold) or shares of different secrets")
-  return value.to_bytes(length, "big")
+# A "sum" of one update is that update: below two survivors secure aggregation aggregates
+# nothing. (With exactly two, each site can subtract its own update from the new global and
+# learn the other's; the server still cannot. WORKSPACE.md, threat model.)
+MIN_SURVIVORS = 2
 
 
 # ----------------------------------------------------------------------------- validation
@@ -451,19 +281,45 @@ class SecAggResult:
   masked: dict[str, np.ndarray]
 
 
-def quantization_bound(num_survivors: int, frac_bits: int, max_abs: float,
-                       total_weight: float) -> float:
-  """Worst-case |mean - exact mean| per coordinate from fixed-point rounding.
+class SecAggRound:
+  """One round of the protocol, phase by phase; the only orchestration of the two roles.
 
-  Each of the m survivors rounds w_k x_k and w_k by at most e0 = 2^-(f+1), so the sums satisfy
-  |S^ - S| <= e and |W^ - W| <= e with e = m e0. Then
-    S^/W^ - S/W = ((S^ - S) W - S (W^ - W)) / (W^ W),
-  whose magnitude is <= e (1 + |S|/W) / W^ <= e (1 + M) / W^, because |S|/W <= M = max |x_k|
-  for weights >= 0. W^ is the (quantized) total weight the server reports. The term 2^-49 M
-  covers float64 rounding (w x products, int64 -> float64, the final division).
+  Setup (here): every client makes its key pair, registers its public key and deals Shamir
+  shares of its self-mask seed and private key to every peer. Then each client masks its
+  update (`mask`, the client side), the server collects the vectors that reach it
+  (`receive`), and `unmask` asks the survivors for the shares the server needs and returns
+  the weighted sum. `secure_weighted_mean` runs the phases straight through; a federation
+  checks each upload's signature between `mask` and `receive`.
   """
-  e = num_survivors * 2.0 ** -(frac_bits + 1)
-  return e * (1.0 + max_abs) / total_weight + 2.0**-49 * max_abs
+
+  def __init__(self, client_ids: Iterable[str], round: int, threshold: int,
+               frac_bits: int = DEFAULT_FRAC_BITS, seed: int | bytes | None = None):
+    self.ids = _check_ids(client_ids)
+    self.frac_bits = frac_bits
+    self.clients = {c: SecAggClient(c, round, seed) for c in self.ids}
+    self.server = SecAggServer(self.ids, threshold, frac_bits, round=round)
+    for c in self.ids:
+      self.server.add_public_key(c, self.clients[c].public_key)
+    for c in self.ids:
+      for peer, bundle in self.clients[c].shares_for(self.ids, threshold).items():
+        self.clients[peer].hold(bundle)
+
+  def mask(self, client_id: str, update: np.ndarray, weight: float) -> np.ndarray:
+    """Client side: the masked vector of weight * update (SecAggError if not encodable)."""
+    return self.clients[client_id].mask(update, weight, self.server.public_keys, self.frac_bits)
+
+  def receive(self, client_id: str, vector: np.ndarray) -> None:
+    """Server side: a masked vector that reached the server."""
+    self.server.add_masked(client_id, vector)
+
+  def unmask(self) -> tuple[np.ndarray, float]:
+    """(sum of weighted updates, total weight) over the survivors; SecAggError below the
+    threshold (nothing is revealed then)."""
+    self.server.require_quorum()
+    gone = set(self.server.dropped)
+    revealed = {o: [self.clients[h].reveal(o, dropped=o in gone) for h in self.server.survivors]
+                for o in self.ids}
+    return self.server.aggregate(revealed)
 
 
 def secure_weighted_mean(updates: Mapping[str, np.ndarray], weights: Mapping[str, float], *,
@@ -483,30 +339,19 @@ def secure_weighted_mean(updates: Mapping[str, np.ndarray], weights: Mapping[str
     raise SecAggError(f"all updates must have the same shape, got {dims}")
   threshold = len(ids) // 2 + 1 if threshold is None else threshold
 
-  clients = {c: SecAggClient(c, round, seed) for c in ids}
-  server = SecAggServer(ids, threshold, frac_bits, round=round)
+  rnd = SecAggRound(ids, round, threshold, frac_bits, seed)
   for c in ids:
-    server.add_public_key(c, clients[c].public_key)
-  for c in ids:
-    for peer, bundle in clients[c].shares_for(ids, threshold).items():
-      clients[peer].hold(bundle)
-  keys = server.public_keys
-  for c in ids:
-    y = clients[c].mask(updates[c], weights[c], keys, frac_bits)
+    y = rnd.mask(c, updates[c], weights[c])
     if c not in dropped:
-      server.add_masked(c, y)
-
-  server.require_quorum()
-  gone = set(server.dropped)
-  revealed = {o: [clients[h].reveal(o, dropped=o in gone) for h in server.survivors] for o in ids}
-  weighted_sum, total_weight = server.aggregate(revealed)
+      rnd.receive(c, y)
+  weighted_sum, total_weight = rnd.unmask()
   if not total_weight > 0:
     raise SecAggError("total weight of the surviving clients is 0; cannot average")
-  survivors = server.survivors
+  survivors = rnd.server.survivors
   max_abs = max((float(np.max(np.abs(np.asarray(updates[c], np.float64)), initial=0.0))
                  for c in survivors), default=0.0)
   return SecAggResult(
       mean=weighted_sum / total_weight, total_weight=total_weight, survivors=survivors,
-      dropped=server.dropped,
+      dropped=rnd.server.dropped,
       quantization_bound=quantization_bound(len(survivors), frac_bits, max_abs, total_weight),
-      masked=server.masked)
+      masked=rnd.server.masked)
