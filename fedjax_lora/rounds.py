@@ -171,8 +171,8 @@ def site_accept(spec: RoundSpec, own: dict, out: dict, accepted) -> dict:
 
 def train_clients(spec: RoundSpec, graphdef, base, state: dict, sites: dict, batches: dict,
                   step_mask, idx, rngs, rank_mask=None, fault: dict | None = None):
-  """Site side of a round for every sampled site at once (`site_update` over the client
-  axis, as spec.mode says), then the configured upload faults: (out, metrics)."""
+  """Site side of a round for every sampled site at once (`site_update`'s two pieces over
+  the client axis, as spec.mode says), then the configured upload faults: (out, metrics)."""
   alg = spec.algorithm
   server = state["server"]
   if alg.merge_base:
