@@ -82,11 +82,12 @@ class Algorithm:
     return ClientConfig(train_factors=self.train_factors, scaffold=self.scaffold,
                         prox_mu=prox_mu if self.prox else 0.0, **settings)
 
-  def secagg_obstacle(self, combine: str) -> str:
-    """Why secure aggregation cannot serve this algorithm whose aggregator combines by
-    `combine` ("" when it can: the server needs nothing but the weighted mean)."""
+  def secagg_obstacle(self) -> str:
+    """Why secure aggregation cannot serve this algorithm ("" when it can: the server needs
+    nothing but the weighted mean of the uploads, by its aggregator's `combine`)."""
     if self.needs_validation:
       return "it scores every site's adapter on the server validation set"
+    combine = self.make_aggregator().combine
     return "" if combine in MEAN_COMBINES else (self.individual or "it needs individual updates")
 
 

@@ -35,12 +35,7 @@ BEST_METRICS = ("val_loss", "mean_train_loss")
 
 def secagg_compatible(alg_name: str) -> bool:
   """The aggregator combines by a weighted mean, and nothing else looks at single uploads."""
-  return not secagg_obstacle(get_algorithm(alg_name))
-
-
-def secagg_obstacle(alg) -> str:
-  """Why `alg` cannot run under secure aggregation ("" when it can)."""
-  return alg.secagg_obstacle(alg.make_aggregator().combine)
+  return not get_algorithm(alg_name).secagg_obstacle()
 
 
 def _check_privacy(config, alg_name: str) -> None:
@@ -85,7 +80,7 @@ def _check_security(config, alg_name: str, sites: list[str]) -> None:
     raise ConfigError("config.security.keep_uploads needs config.security.ledger=True (the "
                       "ledger's hashes are what the stored uploads are checked against)")
   if sec["secure_aggregation"]:
-    why = secagg_obstacle(get_algorithm(alg_name))
+    why = get_algorithm(alg_name).secagg_obstacle()
     if why:
       raise ConfigError(
           f"config.security.secure_aggregation cannot be combined with config.algorithm="
@@ -223,7 +218,8 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   if workdir is not None:  # keep the base so the exported adapter has something to load onto
     out = hf_checkpoint.save_params(workdir / "base_model", cfg, base)
     tokenizer.save_pretrained(str(out))
-  log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}")
+  log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, "
+      f"vocab {cfg.vocab_size}")
   return cfg, graphdef, base
 
 

@@ -176,7 +176,7 @@ class Federation:
       names = [s.name for s in sites]
       self.site_side = site_side.SimulatedSites(
           names, aggregator.sends, security, dict(zip(names, self.token_counts.tolist())), log)
-      self.guard = guard.RoundGuard(self.workdir, names, aggregator, security, log)
+      self.guard = guard.RoundGuard(self.workdir, aggregator, security, log)
     self.dp_steps = {s.name: 0 for s in sites}  # local DP-SGD steps taken so far, per site
 
   # ---- state -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def test_a_record_states_why_it_needs_single_uploads_exactly_when_its_aggregator
   combine = alg.make_aggregator().combine
   assert bool(alg.individual) == (combine not in MEAN_COMBINES)
   assert secagg_compatible(name) == (combine in MEAN_COMBINES and not alg.needs_validation)
-  assert bool(alg.secagg_obstacle(combine)) != secagg_compatible(name)
+  assert bool(alg.secagg_obstacle()) != secagg_compatible(name)
 
 
 def test_site_state_follows_the_client_behaviour():

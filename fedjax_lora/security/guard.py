@@ -6,7 +6,7 @@ as absent), and each round appends a block to the ledger. With `security.secure_
 the server opens the round's protocol (`open_secagg`), receives masked vectors only and
 learns their weighted sum (fedjax_lora.privacy.secagg). What the sites do on their side
 (masking, signing) is `security/site_side.py`; the guard is built from plain values (the
-workdir, the site names, the aggregator record, the settings) and never sees a site's key.
+workdir, the aggregator record, the settings) and never sees a site's key.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def _json_safe(value):
 class RoundGuard:
   """Upload checks, unmasking and ledger for one federation (state lives in its workdir)."""
 
-  def __init__(self, workdir: Path | None, site_names: list[str], aggregator: Aggregator,
-               security: SecurityConfig, log: Callable[[str], None] = print):
+  def __init__(self, workdir: Path | None, aggregator: Aggregator, security: SecurityConfig,
+               log: Callable[[str], None] = print):
     self.workdir = Path(workdir) if workdir is not None else None
-    self.site_names, self.aggregator = list(site_names), aggregator
+    self.aggregator = aggregator
     self.security, self.log = security, log
     self.started = False
     self.client_ids: dict[str, str] = {}
@@ -63,8 +63,9 @@ class RoundGuard:
     self.started = True
     if not self.security.ledger:
       return
-    self.client_ids = identity.registered_sites(self.identity_dir)
-    self.verifier = identity.UploadVerifier(identity.load_registry(self.identity_dir))
+    registry = identity.read_registry(self.identity_dir)  # site -> (client id, key)
+    self.client_ids = {site: cid for site, (cid, _) in registry.items()}
+    self.verifier = identity.UploadVerifier(dict(registry.values()))
     self.ledger = ledger_lib.Ledger(self.workdir)
     genesis = self._genesis_fields(initial_global)
     if self.ledger.exists():

@@ -123,8 +123,9 @@ def _write_private(path: Path, key: ed25519.Ed25519PrivateKey) -> None:
   files.write_atomic(path, pem, mode=0o600)
 
 
-def load_registry(directory: str | os.PathLike) -> dict[str, ed25519.Ed25519PublicKey]:
-  """client id -> public key, from `<directory>/registry.json` ({site: {client_id, public_key}})."""
+def read_registry(directory: str | os.PathLike) -> dict[str, tuple[str, ed25519.Ed25519PublicKey]]:
+  """site -> (client id, public key), from `<directory>/registry.json`
+  ({site: {client_id, public_key}}), every entry checked."""
   path = Path(directory) / REGISTRY
   try:
     entries = json.loads(path.read_text())
@@ -146,16 +147,13 @@ def load_registry(directory: str | os.PathLike) -> dict[str, ed25519.Ed25519Publ
                           "expected hex 'public_key' (32 bytes) and 'client_id'") from None
     if client_id(key) != cid:
       raise IdentityError(f"{path}: site {site!r}: client_id is not SHA-256 of its public key")
-    registry[cid] = key
+    registry[site] = (cid, key)
   return registry
 
 
-def registered_sites(directory: str | os.PathLike) -> dict[str, str]:
-  """site -> client id from the registry (checked as `load_registry` checks it): how the
-  server knows which key an upload from a given site must be signed with."""
-  load_registry(directory)
-  entries = json.loads((Path(directory) / REGISTRY).read_text())
-  return {site: entry["client_id"] for site, entry in entries.items()}
+def load_registry(directory: str | os.PathLike) -> dict[str, ed25519.Ed25519PublicKey]:
+  """client id -> public key (what an upload's signature is checked against)."""
+  return dict(read_registry(directory).values())
 
 
 def ensure_identities(directory: str | os.PathLike, sites: list[str]) -> dict[str, SiteIdentity]:
