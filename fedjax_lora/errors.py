@@ -32,3 +32,12 @@ class LedgerError(ValueError):
 
 class IdentityError(ValueError):
   """A key or registry file that cannot be used (names the file and the problem)."""
+
+
+class WireError(ValueError):
+  """A deployed message that cannot be decoded or does not fit the run (names its kind and
+  field)."""
+
+
+class DeployError(ValueError):
+  """A deployment that cannot start or go on (names the site, node, file or flag)."""

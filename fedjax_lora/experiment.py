@@ -13,22 +13,22 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from fedjax_lora import client_modes
 from fedjax_lora import faults as faults_lib
 from fedjax_lora import mesh as mesh_lib
 from fedjax_lora.aggregators import Aggregator
-from fedjax_lora.algorithms import ALGORITHMS, get_algorithm
-from fedjax_lora.client import steps_per_round
+from fedjax_lora.algorithms import ALGORITHMS, Algorithm, get_algorithm
+from fedjax_lora.client import ClientConfig, steps_per_round
 from fedjax_lora.data import prepare, sites as sites_lib
 from fedjax_lora.privacy import accounting, secagg
 from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_config
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.security.config import SecurityConfig
-from fedjax_lora.simulator import Federation, SiteData
+from fedjax_lora.simulator import Federation, RunConfig, SiteData
 from models import checkpoints, hf_checkpoint, llama
 from models.config import LlamaConfig
+from models.lora import LoraSpec
 
 BEST_METRICS = ("val_loss", "mean_train_loss")
 
@@ -223,7 +223,7 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   return cfg, graphdef, base
 
 
-def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggregator:
+def aggregator_for(config, alg, client_noise: float, expected_clients: int) -> Aggregator:
   """alg's server rule with the config.aggregator fields its factory takes (server_lr 0:
   the factory's own default) and, for client-level DP, config.privacy.client_*."""
   options = {k: config.aggregator[k] for k in alg.option_names()
@@ -234,7 +234,7 @@ def _aggregator(config, alg, client_noise: float, expected_clients: int) -> Aggr
   return alg.make_aggregator(**options)
 
 
-def _client_config(alg, config, example_clip: float, example_noise: float):
+def client_config_for(alg, config, example_clip: float, example_noise: float):
   """alg's client behaviour with config.client's settings and DP-SGD's clip and noise."""
   try:
     return alg.client_config(**group(config, "client"), dp_clip=example_clip,
@@ -247,18 +247,20 @@ def _client_config(alg, config, example_clip: float, example_noise: float):
     raise ConfigError(f"config.client: {e}") from None
 
 
-def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tuple[float, float]:
+def dp_noise(config, train_sizes: list[int], clients_per_round: int, log
+             ) -> tuple[float, float]:
   """(example-level sigma, client-level sigma): as configured, or calibrated so that the
-  planned run (every site in every round) ends at the target epsilon."""
+  planned run (every site, with `train_sizes` training examples each, in every round) ends
+  at the target epsilon."""
   pv, run = group(config, "privacy"), config.run
   example, client = pv["example_noise"], pv["client_noise"]
   if pv["example_target_epsilon"] > 0:
     per_step = run.batch_size * run.accumulation
     try:
       example = max(accounting.calibrate_noise(
-          pv["example_target_epsilon"], min(1.0, per_step / len(s.train)),
-          steps_per_round(len(s.train), run.batch_size, run.accumulation, run.epochs)
-          * run.rounds, pv["delta"]) for s in sites)
+          pv["example_target_epsilon"], min(1.0, per_step / n),
+          steps_per_round(n, run.batch_size, run.accumulation, run.epochs)
+          * run.rounds, pv["delta"]) for n in train_sizes)
     except ValueError as e:
       raise ConfigError(f"config.privacy.example_target_epsilon="
                         f"{pv['example_target_epsilon']}: cannot calibrate DP-SGD noise ({e})"
@@ -268,7 +270,7 @@ def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tupl
   if pv["client_target_epsilon"] > 0:
     try:
       client = accounting.calibrate_noise(pv["client_target_epsilon"],
-                                          clients_per_round / len(sites), run.rounds,
+                                          clients_per_round / len(train_sizes), run.rounds,
                                           pv["delta"])
     except ValueError as e:
       raise ConfigError(f"config.privacy.client_target_epsilon="
@@ -277,6 +279,58 @@ def dp_noise(config, sites: list[SiteData], clients_per_round: int, log) -> tupl
     log(f"DP-FedAvg: noise multiplier {client:.4f} gives client-level epsilon <= "
         f"{pv['client_target_epsilon']} at delta {pv['delta']} after {run.rounds} rounds")
   return example, client
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """What a config makes of a federation besides its data and base: the pieces the
+  simulator, the deployed server and every deployed site build the same way."""
+  algorithm: Algorithm
+  run: RunConfig
+  spec: LoraSpec
+  local_spec: LoraSpec | None
+  client: ClientConfig
+  aggregator: Aggregator
+  security: SecurityConfig
+  site_ranks: list[int]       # per-site ranks (hetero-rank algorithms), else []
+  clients_per_round: int      # M, the sites sampled each round
+  example_noise: float        # DP-SGD's noise multiplier (as set or calibrated)
+
+
+def federation_parts(config, model_cfg: LlamaConfig, train_sizes: list[int],
+                     site_names: list[str], has_workdir: bool, log=print) -> Parts:
+  """config's algorithm, adapters, client and server rules and security settings for a
+  federation of `site_names` with `train_sizes` training examples each (ConfigError names
+  the field)."""
+  alg = get_algorithm(config.algorithm)
+  lc = config.lora
+  ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
+  pv, sec, ft = group(config, "privacy"), group(config, "security"), group(config, "faults")
+  run = run_config(config)
+  n = len(site_names)
+  m = run.clients_per_round or (max(1, round(run.client_fraction * n))
+                                if run.client_fraction else n)
+  example_noise, client_noise = dp_noise(config, train_sizes, m, log)
+  try:
+    spec = lora_spec(lc)
+    local_spec = lora_spec(lc, local=True) if alg.local_adapter else None
+    spec.layer_indices(model_cfg.num_layers)
+    client = client_config_for(alg, config, pv["example_clip"], example_noise)
+    aggregator = aggregator_for(config, alg, client_noise, m)
+    plan = faults_lib.parse_faults(ft["sites"], site_names, ft["scale"], ft["start_round"])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  ledger = bool(sec["ledger"]) and has_workdir
+  if sec["ledger"] and not has_workdir:
+    log("security.ledger is off for this federation: it has no workdir")
+  security = SecurityConfig(
+      ledger=ledger, keep_uploads=ledger and bool(sec["keep_uploads"]),
+      max_update_norm=sec["max_update_norm"],
+      secure_aggregation=sec["secure_aggregation"], secagg_frac_bits=sec["secagg_frac_bits"],
+      secagg_threshold=sec["secagg_threshold"], faults=plan, dp_delta=pv["delta"],
+      client_dp_noise=client_noise, config_hash=config_hash(config))
+  return Parts(alg, run, spec, local_spec, client, aggregator, security, ranks, m,
+               example_noise)
 
 
 def build(config, workdir: str | None = None, log: Callable[[str], None] = print,
@@ -300,31 +354,9 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   train_sites = [s.name for s in sites]
   model_cfg, graphdef, base = model or load_model(config, len(tokenizer), workdir, tokenizer,
                                                   log)
-  lc = config.lora
-  ranks = list(lc.site_ranks or ()) if alg.hetero_ranks else []
-  pv, sec, ft = group(config, "privacy"), group(config, "security"), group(config, "faults")
-  run = run_config(config)
-  m = run.clients_per_round or (max(1, round(run.client_fraction * len(sites)))
-                                if run.client_fraction else len(sites))
-  example_noise, client_noise = dp_noise(config, sites, m, log)
-  try:
-    spec = lora_spec(lc)
-    local_spec = lora_spec(lc, local=True) if alg.local_adapter else None
-    spec.layer_indices(model_cfg.num_layers)
-    client = _client_config(alg, config, pv["example_clip"], example_noise)
-    aggregator = _aggregator(config, alg, client_noise, m)
-    plan = faults_lib.parse_faults(ft["sites"], train_sites, ft["scale"], ft["start_round"])
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  ledger = bool(sec["ledger"]) and workdir is not None
-  if sec["ledger"] and workdir is None:
-    log("security.ledger is off for this federation: it has no workdir")
-  security = SecurityConfig(
-      ledger=ledger, keep_uploads=ledger and bool(sec["keep_uploads"]),
-      max_update_norm=sec["max_update_norm"],
-      secure_aggregation=sec["secure_aggregation"], secagg_frac_bits=sec["secagg_frac_bits"],
-      secagg_threshold=sec["secagg_threshold"], faults=plan, dp_delta=pv["delta"],
-      client_dp_noise=client_noise, config_hash=config_hash(config))
+  parts = federation_parts(config, model_cfg, [len(s.train) for s in sites], train_sites,
+                           workdir is not None, log)
+  m, security = parts.clients_per_round, parts.security
   if mesh is None:
     try:
       mesh = mesh_lib.make_mesh(config.mesh.clients, config.mesh.fsdp, num_clients=m)
@@ -333,8 +365,9 @@ def build(config, workdir: str | None = None, log: Callable[[str], None] = print
   base = mesh_lib.shard_base(base, mesh)
   log(f"{len(sites)} training sites ({', '.join(train_sites)}); algorithm {config.algorithm}; "
       f"mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
-  fed = Federation(graphdef, base, model_cfg, sites, alg, aggregator, client, spec, run,
-                   local_spec=local_spec, site_ranks=ranks or None, mode=config.mode,
+  fed = Federation(graphdef, base, model_cfg, sites, alg, parts.aggregator, parts.client,
+                   parts.spec, parts.run, local_spec=parts.local_spec,
+                   site_ranks=parts.site_ranks or None, mode=config.mode,
                    gamma=config.aggregator.gamma, temperature=config.aggregator.temperature,
                    keep_optimizer_state=config.keep_optimizer_state,
                    workdir=str(workdir) if workdir else None, log=log,

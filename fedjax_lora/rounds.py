@@ -20,10 +20,10 @@ from fedjax_lora import aggregators as agg_lib
 from fedjax_lora import client_modes
 from fedjax_lora.aggregators import base as agg_base
 from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
-from fedjax_lora.client import ClientConfig, client_update, scaffold_control
+from fedjax_lora.client import ClientConfig, client_update, optimizer, scaffold_control
 from fedjax_lora.faults import apply_upload_faults
 from fedjax_lora.losses import causal_lm_loss
-from models import llama
+from models import llama, lora
 from models.lora import LoraAdapter, LoraSpec
 
 MODES = client_modes.RESOLVED
@@ -104,6 +104,27 @@ def _take(tree, idx):
 # it keeps. `site_update` is one site in plain form (what a deployed site runs);
 # `train_clients` runs its two pieces (`_site_train` over the client axis, then `_controls`
 # vmapped) over the round's stacked sites in one program.
+
+def initial_site_state(spec: RoundSpec, model_config, global_params, seed: int) -> dict:
+  """What one site holds before its first round: its own copy of the factors it keeps
+  (from the initial global adapter), its local adapter (the same seeded init at every
+  site), a zero control variate and fresh optimizer moments, as the algorithm needs."""
+  alg = spec.algorithm
+  l_key = jax.random.split(jax.random.key(seed))[1]  # [0] initialises the global adapter
+  own = {}
+  if alg.personal_factors:
+    own["personal"] = select_factors(global_params, alg.personal_factors)
+  if alg.local_adapter:
+    own["local"] = lora.init_adapter(model_config, spec.local_spec, l_key).params
+  if alg.scaffold:
+    own["control"] = jax.tree.map(jnp.zeros_like, global_params)
+  if spec.keep_optimizer_state:
+    trainable = {"global": global_params}
+    if alg.local_adapter:
+      trainable["local"] = own["local"]
+    own["opt"] = optimizer(spec.client).init(trainable)
+  return own
+
 
 def site_state(sites: dict, idx) -> dict:
   """The round's sites' own state (personal factors, local adapter, control, optimizer

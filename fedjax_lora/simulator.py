@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,18 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
-from fedjax_lora import batching, checkpointing, client_modes, comm, faults, files
-from fedjax_lora.algorithms import Algorithm, overlay_factors, select_factors
-from fedjax_lora.client import ClientConfig, optimizer, steps_per_round
+from fedjax_lora import batching, checkpointing, client_modes, comm, faults, round_rows
+from fedjax_lora.algorithms import Algorithm, overlay_factors
+from fedjax_lora.client import ClientConfig, steps_per_round
 from fedjax_lora.data.arrays import SiteArrays, common_length, validation_chunks
 from fedjax_lora.errors import ConfigError, ResumeError
-from fedjax_lora.eval.report import f1_line
 from fedjax_lora.privacy import accounting
 from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
-                                validation_loss)
+                                initial_site_state, validation_loss)
 from fedjax_lora.security import guard, site_side
 from fedjax_lora.security.config import SecurityConfig
-from models import llama, lora
+from models import lora
 from models.lora import LoraAdapter, LoraSpec
 
 
@@ -182,26 +180,11 @@ class Federation:
   # ---- state -------------------------------------------------------------------------------
   def initial_state(self) -> dict:
     """Round-0 state: one shared global adapter (the server's init, sent to every site)."""
-    cfg, spec = self.model_config, self.spec
-    key = jax.random.key(self.run.seed)
-    g_key, l_key = jax.random.split(key)
-    global_params = lora.init_adapter(cfg, spec.global_spec, g_key).params
+    g_key = jax.random.split(jax.random.key(self.run.seed))[0]
+    global_params = lora.init_adapter(self.model_config, self.spec.global_spec, g_key).params
     n = len(self.sites)
-    stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * n), tree)
-    sites = {}
-    if self.algorithm.personal_factors:
-      sites["personal"] = stack(select_factors(global_params, self.algorithm.personal_factors))
-    local_params = (lora.init_adapter(cfg, spec.local_spec, l_key).params
-                    if self.algorithm.local_adapter else None)
-    if local_params is not None:
-      sites["local"] = stack(local_params)
-    if self.algorithm.scaffold:
-      sites["control"] = stack(jax.tree.map(jnp.zeros_like, global_params))
-    if spec.keep_optimizer_state:
-      trainable = {"global": global_params}
-      if local_params is not None:
-        trainable["local"] = local_params
-      sites["opt"] = stack(optimizer(spec.client).init(trainable))
+    own = initial_site_state(self.spec, self.model_config, global_params, self.run.seed)
+    sites = jax.tree.map(lambda x: jnp.stack([x] * n), own)
     return {"global": global_params, "server": self.aggregator.init(global_params),
             "sites": sites, "round": jnp.int32(0)}
 
@@ -337,14 +320,13 @@ class Federation:
     self.history.append(row)
     self.log(self.format_row(row))
     if self.workdir is not None:
-      with open(self.workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(_jsonable(row)) + "\n")
+      round_rows.append_row(self.workdir / "metrics.jsonl", row)
     if self.guard is not None and self.security.ledger:
       # Before the checkpoint: a checkpoint with no block is treated as unverifiable.
       self.guard.record_round(r, [self.sites[k].name for k in idx], present, metrics, report,
                               row, self.state["global"], self.checkpoint_state())
     if self.checkpointer is not None:
-      self.checkpointer.save(r, self.checkpoint_state(), _jsonable(row))
+      self.checkpointer.save(r, self.checkpoint_state(), round_rows.jsonable(row))
     return row
 
   def _start_guard(self, resumed_round: int | None = None) -> None:
@@ -386,86 +368,15 @@ class Federation:
           self.security.dp_delta)
     return out
 
-  def _traffic(self, idx, present, shapes) -> dict:
-    """What each client really sends and receives this round, by algorithm.
-
-    Uplink: the factors the aggregator takes, at the client's own rank. Downlink: the new
-    global factors the client uses (A only for fedsa_lora; plus the server control for
-    SCAFFOLD; FLoRA's stacked factors of total rank sum(r_k))."""
-    alg, sends = self.algorithm, self.aggregator.sends
+  def _summarise(self, r, idx, present, metrics, uplink_example, accepted=None) -> dict:
     ranks = ([int(self.rank_masks[k].sum()) for k in idx] if self.rank_masks is not None
              else [self.spec.global_spec.rank] * len(idx))
+    traffic = round_rows.traffic(self.algorithm, self.aggregator.sends, ranks, present,
+                                 uplink_example, self.full_model_bytes)
+    return round_rows.summarise(r, [self.sites[k].name for k in idx], present, metrics,
+                                traffic, accepted)
 
-    def at_rank(tree, r, factors):
-      out = {}
-      for t, ab in tree.items():
-        out[t] = {}
-        for f in factors:
-          shape = list(ab[f].shape)
-          shape[-1 if f == "a" else -2] = r
-          out[t][f] = jax.ShapeDtypeStruct(tuple(shape), ab[f].dtype)
-      return out
-
-    up = [at_rank(shapes, r, sends) for r in ranks]
-    down_factors = ("a",) if alg.personal_factors else ("a", "b")
-    if alg.merge_base:
-      stacked = sum(r for r, p in zip(ranks, present) if p)
-      down = [at_rank(shapes, stacked, ("a", "b")) for _ in ranks]
-    else:
-      down = [at_rank(shapes, r, down_factors) for r in ranks]
-    if alg.scaffold:
-      down = [{"model": d, "control": d} for d in down]
-    return comm.round_comm(up, down, np.asarray(present), self.full_model_bytes,
-                           uplink_multiplier=2 if alg.scaffold else 1)
-
-  def _summarise(self, r, idx, present, metrics, uplink_example, accepted=None) -> dict:
-    names = [self.sites[k].name for k in idx]
-    counted = np.array(present if accepted is None else accepted, bool)
-    for key in ("client_quarantined_nonfinite", "client_quarantined_norm"):
-      if key in metrics:
-        counted &= ~np.asarray(metrics[key], bool)
-    traffic = self._traffic(idx, present, uplink_example)
-    row = {"round": r, "clients": names, "present": [bool(p) for p in present],
-           "train_loss": {n: float(v) for n, v, p in zip(names, metrics["client_train_loss"],
-                                                          present) if p},
-           "weights": {n: float(w) for n, w, p in zip(names, metrics["weights"], counted) if p},
-           "comm": traffic}
-    for key in ("client_quarantined_nonfinite", "client_quarantined_norm"):
-      if key in metrics:
-        row[key[len("client_"):]] = [n for n, q in zip(names, metrics[key]) if q]
-    if "client_update_norm" in metrics:
-      row["update_norm"] = {n: float(v) for n, v, p in zip(names, metrics["client_update_norm"],
-                                                           present) if p}
-    if "client_val_loss" in metrics:
-      row["client_val_loss"] = {n: float(v) for n, v, p in
-                                zip(names, metrics["client_val_loss"], present) if p}
-    for k, v in metrics.items():
-      if not k.startswith("client_") and k != "weights" and np.ndim(v) == 0:
-        row[k] = float(v)
-    n = np.array([metrics["client_train_tokens"][i] for i in range(len(idx))]) * present
-    losses = np.asarray(metrics["client_train_loss"])
-    row["mean_train_loss"] = float((losses * n).sum() / max(n.sum(), 1.0))
-    row["train_tokens"] = int(n.sum())  # supervised tokens trained this round
-    return row
-
-  @staticmethod
-  def format_row(row: dict) -> str:
-    weights = " ".join(f"{k}={v:.2f}" for k, v in row["weights"].items())
-    val = f" val {row['val_loss']:.4f}" if "val_loss" in row else ""
-    dropped = row.get("quarantined_nonfinite", []) + row.get("quarantined_norm", []) + \
-        [f"{s} ({why})" for s, why in row.get("rejected", {}).items()]
-    if dropped:
-      val += f" | quarantined {', '.join(dropped)}"
-    if "epsilon" in row:
-      val += f" | eps max {max(row['epsilon'].values()):.2f}"
-    if "client_epsilon" in row:
-      val += f" | client eps {row['client_epsilon']:.2f}"
-    if "f1" in row:  # {site: {task: {strict, lenient}}} from the evaluation hook
-      val += f" | {f1_line(row['f1'])}"
-    up = row["comm"]["total_up_bytes"] / 1e6
-    return (f"round {row['round']:3d} | clients {sum(row['present'])}/{len(row['clients'])} | "
-            f"loss {row['mean_train_loss']:.4f}{val} | weights {weights} | up {up:.2f} MB | "
-            f"{row.get('seconds', 0):.1f}s")
+  format_row = staticmethod(round_rows.format_row)
 
   # ---- checkpoints -------------------------------------------------------------------------
   def checkpoint_state(self) -> dict:
@@ -523,19 +434,7 @@ class Federation:
     return r
 
   def _truncate_metrics(self, round_index: int) -> None:
-    path = self.workdir / "metrics.jsonl"
-    if not path.exists():
-      return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-
-    def kept(line: str) -> bool:
-      try:
-        return json.loads(line).get("round", 0) <= round_index
-      except json.JSONDecodeError:  # a row torn by a kill: it belongs to a re-run round
-        return False
-    keep = [l for l in lines if kept(l)]
-    if len(keep) != len(lines):
-      files.write_atomic(path, "".join(l + "\n" for l in keep))
+    round_rows.truncate_metrics(self.workdir / "metrics.jsonl", round_index)
 
   def run_rounds(self, until: int | None = None):
     until = until or self.run.rounds
@@ -544,7 +443,3 @@ class Federation:
     if self.checkpointer is not None:
       self.checkpointer.wait()
     return self.history
-
-
-def _jsonable(row: dict) -> dict:
-  return json.loads(json.dumps(row, default=float))

@@ -67,8 +67,9 @@ def _tree_close(a: dict, b: dict) -> float:
 
 def verify_signatures(registry, blocks: list[dict]) -> dict[int, str]:
   """Re-checks every signature the server accepted (statuses other than absent, rejected
-  or dropped) against the committed key registry."""
+  or dropped) against the committed key registry (and the run nonce of a deployed run)."""
   out = {}
+  run = blocks[0].get("run_nonce", "") if blocks else ""
   for block in blocks[1:]:
     out[block["round"]] = "ok"
     for e in block.get("entries", []):
@@ -76,9 +77,9 @@ def verify_signatures(registry, blocks: list[dict]) -> dict[int, str]:
         continue
       upload = identity.SignedUpload(block["round"], e["client_id"], e["update_hash"] or "",
                                      bytes.fromhex(e["signature"]) if e.get("signature")
-                                     else None)
+                                     else None, run)
       try:
-        identity.UploadVerifier(registry).verify(upload, block["round"], upload.update_hash,
+        identity.UploadVerifier(registry, run).verify(upload, block["round"], upload.update_hash,
                                                  e["client_id"])
       except identity.RejectedUpload as err:
         out[block["round"]] = f"{e['site']}'s upload was accepted but {err}"

@@ -43,8 +43,9 @@ class RoundGuard:
   """Upload checks, unmasking and ledger for one federation (state lives in its workdir)."""
 
   def __init__(self, workdir: Path | None, aggregator: Aggregator, security: SecurityConfig,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, run_nonce: str = ""):
     self.workdir = Path(workdir) if workdir is not None else None
+    self.run_nonce = run_nonce  # a deployed run's nonce: signatures must be bound to it
     self.aggregator = aggregator
     self.security, self.log = security, log
     self.started = False
@@ -65,7 +66,7 @@ class RoundGuard:
       return
     registry = identity.read_registry(self.identity_dir)  # site -> (client id, key)
     self.client_ids = {site: cid for site, (cid, _) in registry.items()}
-    self.verifier = identity.UploadVerifier(dict(registry.values()))
+    self.verifier = identity.UploadVerifier(dict(registry.values()), self.run_nonce)
     self.ledger = ledger_lib.Ledger(self.workdir)
     genesis = self._genesis_fields(initial_global)
     if self.ledger.exists():
@@ -110,7 +111,8 @@ class RoundGuard:
 
   def _genesis_fields(self, initial_global) -> dict:
     registry = (self.identity_dir / identity.REGISTRY).read_bytes()
-    return {"config_hash": self.security.config_hash,
+    run = {"run_nonce": self.run_nonce} if self.run_nonce else {}
+    return {**run, "config_hash": self.security.config_hash,
             "initial_global_hash": identity.tree_hash(initial_global),
             "registry_hash": identity.bytes_hash(registry),
             "aggregator": self.aggregator.name,

@@ -28,6 +28,9 @@ from fedjax_lora.errors import IdentityError
 
 REGISTRY = "registry.json"
 DOMAIN = b"fedjax-lora upload v1"
+# A deployed run binds every signature to its run nonce as well: an upload signed in an
+# earlier run with the same keys (same round, same bytes) does not verify in this one.
+RUN_DOMAIN = b"fedjax-lora upload v2"
 
 
 class RejectedUpload(Exception):
@@ -191,27 +194,36 @@ class SignedUpload:
   client_id: str
   update_hash: str
   signature: bytes | None
+  run: str = ""  # the run nonce it claims (deployed runs; "" in the simulator)
 
 
-def signed_message(round_index: int, cid: str, update_hash: str) -> bytes:
+def signed_message(round_index: int, cid: str, update_hash: str, run: str = "") -> bytes:
+  """The bytes a site signs: (round, client id, update hash), and the run nonce if any."""
+  if run:
+    return b"|".join([RUN_DOMAIN, run.encode(), str(int(round_index)).encode(), cid.encode(),
+                      update_hash.encode()])
   return b"|".join([DOMAIN, str(int(round_index)).encode(), cid.encode(), update_hash.encode()])
 
 
-def sign_upload(identity: SiteIdentity, round_index: int, update_hash: str) -> SignedUpload:
-  sig = identity.private_key.sign(signed_message(round_index, identity.client_id, update_hash))
-  return SignedUpload(int(round_index), identity.client_id, update_hash, sig)
+def sign_upload(identity: SiteIdentity, round_index: int, update_hash: str,
+                run: str = "") -> SignedUpload:
+  sig = identity.private_key.sign(signed_message(round_index, identity.client_id, update_hash,
+                                                 run))
+  return SignedUpload(int(round_index), identity.client_id, update_hash, sig, run)
 
 
 class UploadVerifier:
   """The server's check of every upload before it may be aggregated.
 
-  Rejects: no signature; a client id not in the registry; a claim for another round (a
-  replayed upload); a second upload from the same client in a round; a payload whose hash is
-  not the signed one; a signature that does not verify under the registered key.
+  Rejects: no signature; a client id not in the registry; a claim for another round or
+  another run (a replayed upload); a second upload from the same client in a round; a
+  payload whose hash is not the signed one; a signature that does not verify under the
+  registered key (over this run's nonce: a claim of this run on an old signature fails here).
   """
 
-  def __init__(self, registry: dict[str, ed25519.Ed25519PublicKey]):
+  def __init__(self, registry: dict[str, ed25519.Ed25519PublicKey], run: str = ""):
     self.registry = dict(registry)
+    self.run = run
     self._seen: set[tuple[int, str]] = set()
 
   def verify(self, upload: SignedUpload, round_index: int, payload_hash: str,
@@ -229,6 +241,9 @@ class UploadVerifier:
     if upload.round != round_index:
       raise RejectedUpload("replayed", f"client {upload.client_id[:12]} sent an upload signed "
                            f"for round {upload.round} in round {round_index}")
+    if upload.run != self.run:
+      raise RejectedUpload("replayed", f"client {upload.client_id[:12]} sent an upload signed "
+                           f"for run {upload.run[:12] or '(none)'} in run {self.run[:12]}")
     if (round_index, upload.client_id) in self._seen:
       raise RejectedUpload("duplicate", f"client {upload.client_id[:12]} already uploaded in "
                            f"round {round_index}")
@@ -237,7 +252,7 @@ class UploadVerifier:
                            "differs from the signed hash")
     try:
       key.verify(upload.signature, signed_message(upload.round, upload.client_id,
-                                                   upload.update_hash))
+                                                   upload.update_hash, self.run))
     except InvalidSignature:
       raise RejectedUpload("bad_signature", f"client {upload.client_id[:12]}: signature does "
                            "not verify under its registered key") from None
