@@ -4,12 +4,13 @@ import sys
 
 from absl import app
 
-from fedjax_lora.errors import (ConfigError, DataError, IdentityError, LedgerError, ResumeError,
-                                SecAggError)
+from fedjax_lora.errors import (ConfigError, DataError, DeployError, IdentityError,
+                                LedgerError, ResumeError, SecAggError, WireError)
 from models.errors import AdapterError, CheckpointError, ModelConfigError, TokenizerError
 
 INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ModelConfigError, DataError,
-                ConfigError, IdentityError, LedgerError, SecAggError, ResumeError)
+                ConfigError, IdentityError, LedgerError, SecAggError, ResumeError, DeployError,
+                WireError)
 
 
 def run(main):

@@ -39,6 +39,7 @@ CONNECTION = "fedjax-local"
 TAG_ENV = "FEDJAX_DEPLOY_TAG"
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
 _GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 
 
@@ -310,13 +311,15 @@ class LocalDeployment:
     name = f"flwr-run-{sum(n.startswith('flwr-run') for n in self._procs) + 1}"
     start = time.monotonic()
     comp = self._start(name, cmd, self.home)
-    if not comp.reap(timeout):
-      comp.signal(signal.SIGKILL)
-      comp.reap(_GRACE)
-      raise DeployError(f"flwr run did not finish within {timeout:g} s\n{self.tails()}")
+    finished = comp.reap(timeout)
     seconds = time.monotonic() - start
     found = _RUN_ID.search(comp.text())
     self.last_run_id = int(found.group(1)) if found else None
+    if not finished:
+      comp.signal(signal.SIGKILL)
+      comp.reap(_GRACE)
+      self._stop_run()
+      raise DeployError(f"flwr run did not finish within {timeout:g} s\n{self.tails()}")
     if comp.proc.returncode != 0:
       raise DeployError(f"flwr run exited with code {comp.proc.returncode}\n{self.tails()}")
     if not status_path.exists():
@@ -326,6 +329,19 @@ class LocalDeployment:
     if status.get("status") != "ok":
       raise DeployError(f"the ServerApp failed: {status.get('error')}\n{self.tails()}")
     return {**status, "seconds": seconds}
+
+  def _stop_run(self) -> None:
+    """Asks the SuperLink to stop the last run: killing `flwr run` leaves its ServerApp
+    running, and it would compete with the next run for the same SuperNodes."""
+    if self.last_run_id is None:
+      return
+    try:
+      subprocess.run([_tool("flwr"), "stop", str(self.last_run_id), CONNECTION],
+                     env=self._env(self.home), cwd=str(self.home), timeout=30,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+      self._log(f"flwr stop {self.last_run_id} did not answer within 30 s")
 
   def kill_site(self, name: str, sig: int = signal.SIGKILL) -> None:
     """Kills site `name`'s SuperNode (with its SuperExec and ClientApp processes) and its
@@ -389,7 +405,7 @@ class LocalDeployment:
     for name in names or list(self._procs):
       comp = self._procs.get(name)
       if comp is not None:
-        text = comp.text().splitlines()[-lines:]
+        text = _ANSI.sub("", comp.text()).splitlines()[-lines:]
         out.append(f"--- {comp.log_path} (last {len(text)} lines)\n" + "\n".join(text))
     return "\n".join(out)
 

@@ -16,16 +16,18 @@ from typing import Callable
 
 from fedjax_lora import experiment, files
 from fedjax_lora.deploy import records, server, site as site_lib
+from fedjax_lora.errors import ConfigError
 from fedjax_lora.security import identity
 
 SITES_DIR = "sites"
 
 
 def lay_out(config, workdir: str | Path, log: Callable[[str], None] = print, data=None,
-            timeouts: server.Timeouts = server.Timeouts()) -> dict[str, Path]:
+            timeouts: server.Timeouts = server.Timeouts(), limit: int = 0) -> dict[str, Path]:
   """Writes the coordinator's files into `workdir` and each training site's directory under
-  `workdir/sites/`; returns {site: its directory}. A config without a base gets the tiny
-  random one made once here (`workdir/base_model`), which every site then installs."""
+  `workdir/sites/` (the first `limit` training sites; 0: all); returns {site: directory}.
+  A config without a base gets the tiny random one made once here (`workdir/base_model`),
+  which every site then installs."""
   workdir = Path(workdir).resolve()
   workdir.mkdir(parents=True, exist_ok=True)
   config = config.copy_and_resolve_references()
@@ -37,6 +39,12 @@ def lay_out(config, workdir: str | Path, log: Callable[[str], None] = print, dat
     experiment.load_model(config, len(data.tokenizer), workdir, data.tokenizer, log)
     config.model.path = str(workdir / "base_model")
   names = [n for n, s in data.sites.items() if s.role == "train"]
+  if limit > len(names):
+    raise ConfigError(f"--sites={limit}, but the data config has only {len(names)} training "
+                      f"sites ({', '.join(names)})")
+  names = names[:limit or None]
+  if config.lora.site_ranks and limit:
+    config.lora.site_ranks = tuple(config.lora.site_ranks)[:limit]
   per_site = config.run.val_examples_per_site
   dirs, registry = {}, {}
   for name in names:

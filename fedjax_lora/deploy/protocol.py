@@ -18,6 +18,10 @@ from fedjax_lora.security import identity
 HELLO, HELLO_REPLY = "hello", "hello_reply"
 TRAIN, UPLOAD = "train", "upload"
 DECISION, DECISION_REPLY = "decision", "decision_reply"
+# Secure aggregation (deploy/secagg_wire.py): keys, then the sealed shares, then (after the
+# masked uploads of `train`) the shares the coordinator needs to unmask the sum.
+SECAGG_KEYS, SECAGG_DEAL, SECAGG_REVEAL = "secagg_keys", "secagg_deal", "secagg_reveal"
+SECAGG_REPLY = "secagg_reply"
 PAYLOAD = "payload"  # the frame field holding an upload's signed bytes
 HELLO_DOMAIN = b"fedjax-lora hello v1"
 

@@ -34,9 +34,9 @@ from fedjax_lora import checkpointing, comm, experiment, files, round_rows
 from fedjax_lora.algorithms import overlay_factors
 from fedjax_lora.client import steps_per_round
 from fedjax_lora.data import arrays as arrays_lib, encoding, templates
-from fedjax_lora.deploy import protocol, records, wire
+from fedjax_lora.deploy import protocol, records, secagg_wire, wire
 from fedjax_lora.errors import ConfigError, DeployError, ResumeError, WireError
-from fedjax_lora.privacy import accounting
+from fedjax_lora.privacy import accounting, secagg
 from fedjax_lora.rounds import RoundSpec, base_with_delta, server_aggregate, validation_loss
 from fedjax_lora.security import guard as guard_lib, identity
 from fedjax_lora.security.site_side import Outgoing
@@ -80,11 +80,12 @@ class _Site:
 
 
 def refuse_unsupported(config) -> None:
-  """Settings the deployment does not run (yet), refused before anyone connects."""
+  """Settings a deployment does not run, refused before anyone connects."""
   sec, ft, pv = config.security, config.faults, config.privacy
-  if sec.secure_aggregation:
-    raise ConfigError("config.security.secure_aggregation is not deployed yet (the simulator "
-                      "runs it); deploy with secure_aggregation=False")
+  if sec.secure_aggregation and not sec.ledger:
+    raise ConfigError("config.security.secure_aggregation: a deployment needs "
+                      "config.security.ledger=True with it (masked uploads are signed and the "
+                      "coordinator verifies them before unmasking)")
   if ft.sites:
     raise ConfigError(f"config.faults.sites={ft.sites!r}: injected faults are a simulation "
                       "feature; a deployment's sites misbehave on their own")
@@ -288,7 +289,8 @@ class Coordinator:
     server = state["server"]
     return {k: server[k] for k in ("control", "base_delta") if k in server}
 
-  def _train_frames(self, r: int, state: dict, idx, present) -> dict:
+  def _train_frames(self, r: int, state: dict, idx, present, shares: dict | None = None
+                    ) -> dict:
     seed = self.parts.run.seed
     keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), r), len(idx))
     bcast = jax.device_get(self._broadcast(state))
@@ -302,6 +304,8 @@ class Coordinator:
               "batch_seed": [seed, 2, r, int(k)], "length": self.length,
               "max_steps": self.max_steps,
               "decided": [self.decided[site.name]] if site.name in self.decided else []}
+      if shares is not None:  # the sealed shares the other sites dealt to this one
+        meta["shares"] = shares[site.name]
       rank = None if self.rank_masks is None else {"mask": self.rank_masks[k]}
       frames[site.node] = wire.pack(protocol.TRAIN, meta, **{
           "global": global_params, "server": bcast or None,
@@ -331,7 +335,8 @@ class Coordinator:
           raise WireError(f"expected {site.name}'s upload of round {r}, got {msg.kind} "
                           f"{meta.get('site')!r} round {meta.get('round')}")
         payload = bytes(reply[protocol.PAYLOAD])
-        upload = protocol.parse_upload(payload, extras, f"{site.name}'s upload of round {r}")
+        upload = None if self.parts.security.secure_aggregation else protocol.parse_upload(
+            payload, extras, f"{site.name}'s upload of round {r}")
       except (WireError, KeyError, ValueError) as e:
         self.log(f"round {r}: {site.name}'s reply is malformed ({e}); absent")
         continue
@@ -353,7 +358,7 @@ class Coordinator:
     alg = self.spec.algorithm
     rows, deltas, locals_ = [], [], []
     for i, k in enumerate(idx):
-      up = uploads.get(self.sites[k].name) if accepted[i] else None
+      up = uploads.get(self.sites[k].name) if accepted[i] else None  # None: secure agg.
       rows.append(_shaped_like(g, overlay_factors(g, up["update"])) if up else g)
       if alg.scaffold:
         zero = jax.tree.map(np.zeros_like, g)
@@ -371,7 +376,10 @@ class Coordinator:
     n = len(self.sites)
     idx, present = sample_clients(n, run, r)
     names = [self.sites[k].name for k in idx]
-    frames = self._train_frames(r, state, idx, present)
+    secagg_round, shares = None, None
+    if self.parts.security.secure_aggregation:
+      secagg_round, shares = self._secagg_setup(transport, r, idx, present)
+    frames = self._train_frames(r, state, idx, present, shares)
     down = sum(wire.frame_bytes(f) for f in frames.values())
     t_send = time.perf_counter()
     replies = transport.exchange(frames, self.timeouts.round)
@@ -380,9 +388,11 @@ class Coordinator:
     responded, uploads, out, site_metrics, timings = self._collect(r, idx, present, replies)
     global_params = state["global"]
     report = {"row": {}}
-    accepted = responded.copy()
+    accepted, secure_delta = responded.copy(), None
+    out.secagg = secagg_round
     if self.guard is not None:
-      accepted, _, report = self.guard.receive(r, names, responded, out, global_params)
+      accepted, secure_delta, report = self.guard.receive(r, names, responded, out,
+                                                          global_params)
     stacked = self._stack(idx, state, uploads, accepted)
     noise_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(run.seed), r), 0x5EC)
     rank = None if self.rank_masks is None else self.rank_masks[idx]
@@ -390,7 +400,7 @@ class Coordinator:
     t_agg = time.perf_counter()
     core, accepted, metrics = self.aggregate(self.base, core, stacked, accepted,
                                              self.token_counts[idx], self.val, rank_mask=rank,
-                                             noise_key=noise_key)
+                                             noise_key=noise_key, secure_delta=secure_delta)
     metrics = jax.device_get(metrics)
     accepted = np.asarray(jax.device_get(accepted))
     t_done = time.perf_counter()
@@ -426,6 +436,55 @@ class Coordinator:
                               new_state)
     self.checkpointer.save(r, new_state, round_rows.jsonable(row))
     return new_state, row
+
+  def _secagg_setup(self, transport, r: int, idx, present):
+    """Secure aggregation's first two steps among the round's sites: their public keys, then
+    their shares, sealed for each recipient, which the coordinator only routes. Returns (the
+    round as `guard` unmasks it, {site: the sealed shares dealt to it}); a site that misses
+    a step is absent this round (present is updated)."""
+    sites = {self.sites[k].name: self.sites[k].node for i, k in enumerate(idx) if present[i]}
+
+    def ask(kind, metas, field):
+      frames = {sites[s]: wire.pack(kind, {"nonce": self.nonce, "round": r, **m})
+                for s, m in metas.items()}
+      replies = transport.exchange(frames, self.timeouts.round)
+      got = {}
+      for s, node in sites.items():
+        reply = replies.get(node, "no reply") if s in metas else None
+        if reply is None:
+          continue
+        if isinstance(reply, str):
+          self.log(f"round {r}: {s} is absent from secure aggregation ({reply[:200]})")
+          continue
+        got[s] = wire.unpack(reply).meta.get(field)
+      return got
+    if len(sites) < secagg.MIN_SURVIVORS:
+      self.log(f"round {r}: secure aggregation needs at least {secagg.MIN_SURVIVORS} sites")
+      return None, None
+    sa = secagg_wire.ServerSecAgg(sorted(sites), self.guard.secagg_threshold(len(sites)),
+                                  self.parts.security.secagg_frac_bits, round=r)
+    try:
+      for s, advertised in ask(protocol.SECAGG_KEYS, {s: {} for s in sites}, "keys").items():
+        sa.add_keys(s, advertised)
+      public = sa.public_keys()
+      deals = ask(protocol.SECAGG_DEAL, {s: {"public": public, "threshold": sa.threshold}
+                                         for s in public}, "deal")
+      routed = sa.route({s: {k: bytes.fromhex(v) for k, v in d.items()}
+                         for s, d in deals.items()})
+    except (secagg.SecAggError, ValueError, TypeError, AttributeError) as e:
+      self.log(f"round {r}: secure aggregation could not start ({e}); nobody trains this "
+               "round and the global adapter stays")
+      present[:] = False
+      return None, None
+    for i, k in enumerate(idx):
+      if present[i] and self.sites[k].name not in routed:
+        present[i] = False  # no shares dealt to it: its masks could not be removed
+    shares = {s: {sender: c.hex() for sender, c in got.items()} for s, got in routed.items()}
+
+    def reveal(request):
+      asked = {s: request for s in request["survivors"]}
+      return ask(protocol.SECAGG_REVEAL, asked, "shares")
+    return _WireSecAgg(sa, reveal), shares
 
   def _send_decisions(self, transport, r: int, idx, responded) -> None:
     """Tells each site that uploaded whether its upload counted (it keeps its pending state
@@ -495,6 +554,37 @@ class Coordinator:
       merged = hf_checkpoint.save_params(self.workdir / "merged_model", self.model_cfg,
                                          jax.device_get(self._effective_base(state)))
       self.log(f"FLoRA base with the aggregated updates merged in (HF format): {merged}")
+
+
+class _WireSecAgg:
+  """A deployed secure-aggregation round as `guard` unmasks it (the calls of
+  `secagg.SecAggRound`): masked vectors go to the coordinator's `ServerSecAgg`, and the
+  shares it needs are asked of the surviving sites over the transport."""
+
+  def __init__(self, sa: secagg_wire.ServerSecAgg, reveal: Callable[[dict], dict]):
+    self.sa, self._reveal = sa, reveal
+    self.server = self  # guard reads rnd.server.{require_quorum, survivors, dropped}
+
+  @property
+  def ids(self) -> tuple[str, ...]:
+    return self.sa.dealers
+
+  def receive(self, site: str, vector: np.ndarray) -> None:
+    self.sa.add_masked(site, vector)
+
+  def require_quorum(self) -> None:
+    self.sa.reveal_request()  # SecAggError below the threshold
+
+  @property
+  def survivors(self) -> tuple[str, ...]:
+    return tuple(self.sa.reveal_request()["survivors"])
+
+  @property
+  def dropped(self) -> tuple[str, ...]:
+    return tuple(self.sa.reveal_request()["dropped"])
+
+  def unmask(self) -> tuple[np.ndarray, float]:
+    return self.sa.aggregate(self._reveal(self.sa.reveal_request()))
 
 
 def _shaped_like(template, tree):

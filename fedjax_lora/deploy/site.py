@@ -40,10 +40,10 @@ import numpy as np
 from fedjax_lora import batching, experiment, files
 from fedjax_lora.algorithms import select_factors
 from fedjax_lora.data import arrays as arrays_lib, encoding, templates
-from fedjax_lora.deploy import protocol, records, wire
+from fedjax_lora.deploy import protocol, records, secagg_wire, wire
 from fedjax_lora.errors import DeployError, WireError
 from fedjax_lora.rounds import RoundSpec, initial_site_state, site_accept, site_update
-from fedjax_lora.security import identity
+from fedjax_lora.security import identity, site_side
 from models import checkpoints
 
 SITE_FILE = "site.json"
@@ -158,7 +158,9 @@ class SiteRunner:
   def handle(self, frame: wire.Frame) -> wire.Frame:
     msg = wire.unpack(frame)
     handler = {protocol.HELLO: self._hello, protocol.TRAIN: self._train,
-               protocol.DECISION: self._decision}.get(msg.kind)
+               protocol.DECISION: self._decision, protocol.SECAGG_KEYS: self._secagg_keys,
+               protocol.SECAGG_DEAL: self._secagg_deal,
+               protocol.SECAGG_REVEAL: self._secagg_reveal}.get(msg.kind)
     if handler is None:
       raise WireError(f"site {self.name}: unknown message kind {msg.kind!r}")
     return handler(msg)
@@ -237,6 +239,47 @@ class SiteRunner:
     self._commit(meta["nonce"], int(meta["round"]), bool(meta["accepted"]))
     return wire.pack(protocol.DECISION_REPLY, {"site": self.name, "round": meta["round"]})
 
+  # ---- secure aggregation ----------------------------------------------------------------------
+  # The site's secrets of a round (mask key, self-mask seed, the shares it holds) live in its
+  # own run directory between messages, so a fresh process per message works too.
+  def _secagg_file(self, nonce: str, r: int) -> Path:
+    return self._run_dir(nonce) / "secagg" / f"round_{r:06d}.bin"
+
+  def _secagg_load(self, nonce: str, r: int) -> secagg_wire.SiteSecAgg:
+    path = self._secagg_file(nonce, r)
+    if not path.exists():
+      raise DeployError(f"site {self.name}: no secure-aggregation state for round {r}")
+    return secagg_wire.SiteSecAgg.from_bytes(path.read_bytes())
+
+  def _secagg_save(self, nonce: str, r: int, sa: secagg_wire.SiteSecAgg) -> None:
+    path = self._secagg_file(nonce, r)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_atomic(path, sa.to_bytes(), mode=0o600)
+
+  def _secagg_keys(self, msg: wire.Message) -> wire.Frame:
+    nonce, r = msg.meta["nonce"], int(msg.meta["round"])
+    self._run(nonce)  # a run this site joined
+    sa = secagg_wire.SiteSecAgg(self.name, r)
+    self._secagg_save(nonce, r, sa)
+    return wire.pack(protocol.SECAGG_REPLY, {"site": self.name, "round": r,
+                                             "keys": sa.advertise()})
+
+  def _secagg_deal(self, msg: wire.Message) -> wire.Frame:
+    nonce, r = msg.meta["nonce"], int(msg.meta["round"])
+    sa = self._secagg_load(nonce, r)
+    deal = sa.deal(msg.meta["public"], int(msg.meta["threshold"]))
+    self._secagg_save(nonce, r, sa)
+    return wire.pack(protocol.SECAGG_REPLY, {"site": self.name, "round": r,
+                                             "deal": {k: v.hex() for k, v in deal.items()}})
+
+  def _secagg_reveal(self, msg: wire.Message) -> wire.Frame:
+    nonce, r = msg.meta["nonce"], int(msg.meta["round"])
+    sa = self._secagg_load(nonce, r)
+    shares = sa.reveal(msg.meta["survivors"], msg.meta["dropped"])
+    self._secagg_save(nonce, r, sa)
+    return wire.pack(protocol.SECAGG_REPLY, {"site": self.name, "round": r,
+                                             "shares": shares})
+
   # ---- a round ---------------------------------------------------------------------------------
   def _train(self, msg: wire.Message) -> wire.Frame:
     meta, trees = msg.meta, msg.trees
@@ -283,7 +326,16 @@ class SiteRunner:
       pending.parent.mkdir(parents=True, exist_ok=True)
       new_own = jax.device_get(run.accept(own, out, True))
       files.write_atomic(pending, identity.tree_bytes(new_own))
-    payload = protocol.upload_payload(upload)
+    sec = run.parts.security
+    if sec.secure_aggregation:  # the masked, token-weighted update instead of the factors
+      sa = self._secagg_load(nonce, r)
+      sa.receive({k: bytes.fromhex(v) for k, v in meta["shares"].items()})
+      vector = site_side.update_vector(out["trained"]["global"], global_params, alg.sends)
+      payload = sa.mask(vector, float(run.arrays["train"].token_count),
+                        sec.secagg_frac_bits).tobytes()
+      self._secagg_save(nonce, r, sa)
+    else:
+      payload = protocol.upload_payload(upload)
     signed = identity.sign_upload(self.me, r, identity.bytes_hash(payload), nonce)
     reply = {"site": self.name, "round": r, "client_id": self.me.client_id,
              "run": nonce, "update_hash": signed.update_hash,

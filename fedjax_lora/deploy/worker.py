@@ -177,6 +177,8 @@ def _claim_socket(path: str, site_dir: str) -> None:
 
 def _serve_one(conn: socket.socket, runner, site_dir: str) -> None:
   where = f"request to the worker of {site_dir}"
+  if not conn.recv(1, socket.MSG_PEEK):
+    return  # closed without a request: another worker probing whether this one is alive
   (length,) = _VALUE_LEN.unpack(_recv_exact(conn, _VALUE_LEN.size, where))
   frame = decode_frame(_recv_exact(conn, length, where), where)
   kind = frame.get("kind", b"?").decode(errors="replace")

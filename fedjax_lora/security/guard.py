@@ -131,14 +131,17 @@ class RoundGuard:
     """Round r's secure-aggregation protocol among the reporting sites, with a threshold of
     more than security.secagg_threshold of them (None: fewer than the protocol's minimum)."""
     ids = [n for i, n in enumerate(names) if present[i]]
-    n = len(ids)
-    if n < secagg.MIN_SURVIVORS:
+    if len(ids) < secagg.MIN_SURVIVORS:
       return None
-    threshold = min(n, max(secagg.MIN_SURVIVORS,
-                           int(np.floor(self.security.secagg_threshold * n)) + 1))
     # Mask secrets come from the OS, not the run seed (which is in config.json): the sum,
     # hence the run, does not depend on them, only the masked bytes do.
-    return secagg.SecAggRound(ids, r, threshold, self.security.secagg_frac_bits)
+    return secagg.SecAggRound(ids, r, self.secagg_threshold(len(ids)),
+                              self.security.secagg_frac_bits)
+
+  def secagg_threshold(self, n: int) -> int:
+    """Shares needed to unmask among n sites: more than security.secagg_threshold of them."""
+    return min(n, max(secagg.MIN_SURVIVORS,
+                      int(np.floor(self.security.secagg_threshold * n)) + 1))
 
   def receive(self, r: int, names: list[str], present, out: Outgoing, global_params):
     """(accepted [K] bool, secure_delta or None, report) for what round r's sites sent."""
@@ -190,6 +193,8 @@ class RoundGuard:
         accepted[i] = False
     try:
       rnd.server.require_quorum()  # below the threshold nothing may be revealed
+      # Deployed, the shares are asked of the sites: too few may answer.
+      total, weight = rnd.unmask()
     except secagg.SecAggError as e:
       self.log(f"round {r}: secure aggregation failed ({e}); the global adapter stays")
       for i, name in enumerate(names):
@@ -197,19 +202,20 @@ class RoundGuard:
           report["masking"][name] = "no_quorum"
       accepted[:] = False
       return zeros
-    total, weight = rnd.unmask()
     mean = total / weight
     survivors = rnd.server.survivors
-    # Simulation diagnostics, computed with what the server never sees (the individual
-    # deltas): the actual quantization error and its worst-case bound.
-    exact = sum(out.weights[c] * out.deltas[c] for c in survivors) / \
-        sum(out.weights[c] for c in survivors)
-    max_abs = max(float(np.max(np.abs(out.deltas[c]), initial=0.0)) for c in survivors)
-    report["row"]["secagg"] = {
-        "survivors": len(survivors), "recovered_dropouts": len(rnd.server.dropped),
-        "quantization_error": float(np.max(np.abs(mean - exact), initial=0.0)),
-        "quantization_bound": secagg.quantization_bound(
-            len(survivors), self.security.secagg_frac_bits, max_abs, weight)}
+    report["row"]["secagg"] = {"survivors": len(survivors),
+                               "recovered_dropouts": len(rnd.server.dropped)}
+    if out.deltas:
+      # Simulation diagnostics, computed with what the server never sees (the individual
+      # deltas; a deployed server has none): the quantization error and its bound.
+      exact = sum(out.weights[c] * out.deltas[c] for c in survivors) / \
+          sum(out.weights[c] for c in survivors)
+      max_abs = max(float(np.max(np.abs(out.deltas[c]), initial=0.0)) for c in survivors)
+      report["row"]["secagg"].update(
+          quantization_error=float(np.max(np.abs(mean - exact), initial=0.0)),
+          quantization_bound=secagg.quantization_bound(
+              len(survivors), self.security.secagg_frac_bits, max_abs, weight))
     sent = select_factors(zeros, self.aggregator.sends)
     leaves, treedef = jax.tree.flatten(sent)
     parts, offset = [], 0

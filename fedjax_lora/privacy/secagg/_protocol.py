@@ -21,7 +21,7 @@ from fedjax_lora.privacy.secagg._errors import SecAggError
 from fedjax_lora.privacy.secagg._fixed_point import (DEFAULT_FRAC_BITS, _check_frac_bits, _first,
                                                      dequantize, quantization_bound, quantize)
 from fedjax_lora.privacy.secagg._prg import SEED_BYTES, _kdf, _pair_mask, prg
-from fedjax_lora.privacy.secagg._shamir import Share, reconstruct_secret, split_secret
+from fedjax_lora.privacy.secagg._shamir import PRIME, Share, reconstruct_secret, split_secret
 
 
 # A "sum" of one update is that update: below two survivors secure aggregation aggregates
@@ -72,6 +72,31 @@ def _weighted_vector(update, weight) -> np.ndarray:
   return np.append(w * x, w)
 
 
+def _hex_bytes(text, length: int) -> bytes:
+  data = bytes.fromhex(text)
+  if len(data) != length:
+    raise SecAggError(f"expected {length} hex-encoded bytes, got {len(data)}")
+  return data
+
+
+# Hex digits of a field element: fixed width, so an encrypted share's length says nothing of it.
+_SHARE_HEX = 2 * ((PRIME.bit_length() + 7) // 8)
+
+
+def _share_json(share: Share) -> list:
+  """[x, hex y]: y is a 521-bit field element, beyond what JSON readers keep exact as a
+  number."""
+  return [share[0], format(share[1], f"0{_SHARE_HEX}x")]
+
+
+def _share_from_json(value) -> Share:
+  x, y = value
+  y = int(y, 16)
+  if isinstance(x, bool) or not isinstance(x, int) or x < 1 or not 0 <= y < PRIME:
+    raise SecAggError("not a Shamir share: x must be an integer >= 1 and y a field element")
+  return (x, y)
+
+
 # ----------------------------------------------------------------------------- protocol
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +119,77 @@ class SecAggClient:
     self.client_id = _check_ids([client_id], "client_id")[0]
     self.round = _check_round(round)
     if seed is None:
-      self._private = X25519PrivateKey.generate()
-      self._self_seed = os.urandom(SEED_BYTES)
-      self._rng = secrets.SystemRandom()
+      private, self_seed, shamir_seed = X25519PrivateKey.generate(), os.urandom(SEED_BYTES), None
     else:
       root = seed if isinstance(seed, bytes) else f"int:{int(seed)}".encode()
       ctx = (self.round, self.client_id)
-      self._private = X25519PrivateKey.from_private_bytes(_kdf(root, "x25519", *ctx))
-      self._self_seed = _kdf(root, "self-mask", *ctx)
-      self._rng = random.Random(_kdf(root, "shamir", *ctx))
-    self.public_key: bytes = self._private.public_key().public_bytes_raw()
+      private = X25519PrivateKey.from_private_bytes(_kdf(root, "x25519", *ctx))
+      self_seed, shamir_seed = _kdf(root, "self-mask", *ctx), _kdf(root, "shamir", *ctx)
+    self._set_secrets(private, self_seed, shamir_seed)
     self._peers: tuple[str, ...] | None = None
     self._threshold = 0
     self._held: dict[str, ShareBundle] = {}
     self._revealed: dict[str, bool] = {}  # owner -> dropped flag of the share given out
+
+  def _set_secrets(self, private: X25519PrivateKey, self_seed: bytes,
+                   shamir_seed: bytes | None) -> None:
+    self._private, self._self_seed = private, self_seed
+    # The seed is kept only so that a seeded client restored before dealing deals the same
+    # shares; OS randomness has nothing to keep.
+    self._shamir_seed = shamir_seed
+    self._rng = secrets.SystemRandom() if shamir_seed is None else random.Random(shamir_seed)
+    self.public_key: bytes = private.public_key().public_bytes_raw()
+
+  def export_state(self) -> dict:
+    """Everything this client knows, secrets included, as JSON values (hex for bytes and
+    share values): for a site that runs each protocol step in a fresh process and keeps this
+    in its own storage. Whoever reads it can unmask this client; it must never be sent."""
+    return {
+        "client_id": self.client_id, "round": self.round,
+        "private_key": self._private.private_bytes_raw().hex(),
+        "self_seed": self._self_seed.hex(),
+        # After dealing the Shamir randomness is never used again (a second deal is refused).
+        "shamir_seed": None if self._shamir_seed is None or self._peers is not None
+                       else self._shamir_seed.hex(),
+        "peers": None if self._peers is None else list(self._peers),
+        "threshold": self._threshold,
+        "held": {o: {"key_share": _share_json(b.key_share), "seed_share": _share_json(b.seed_share)}
+                 for o, b in self._held.items()},
+        "revealed": dict(self._revealed),
+    }
+
+  @classmethod
+  def from_state(cls, state: Mapping) -> SecAggClient:
+    """The client `export_state` saved, with the same checks a live client keeps (one deal,
+    bundles held by this client only, never both kinds of share revealed for one owner)."""
+    try:
+      client = cls.__new__(cls)
+      client.client_id = _check_ids([state["client_id"]], "client_id")[0]
+      client.round = _check_round(state["round"])
+      private = X25519PrivateKey.from_private_bytes(_hex_bytes(state["private_key"], 32))
+      shamir = state["shamir_seed"]
+      client._set_secrets(private, _hex_bytes(state["self_seed"], SEED_BYTES),
+                          None if shamir is None else _hex_bytes(shamir, SEED_BYTES))
+      peers = state["peers"]
+      client._peers = None if peers is None else _check_ids(peers, "peers")
+      client._threshold = (0 if peers is None
+                           else _check_threshold(state["threshold"], len(client._peers)))
+      client._held, client._revealed = {}, {}
+      for owner, shares in dict(state["held"]).items():
+        client.hold(ShareBundle(owner, client.client_id, _share_from_json(shares["key_share"]),
+                                _share_from_json(shares["seed_share"])))
+      for owner, dropped in dict(state["revealed"]).items():
+        if owner not in client._held or not isinstance(dropped, bool):
+          raise SecAggError(f"revealed entry {owner!r}: {dropped!r} names no held share")
+        client._revealed[owner] = dropped
+    except SecAggError as e:
+      raise SecAggError(f"saved secure-aggregation client state: {e}") from None
+    except KeyError as e:
+      raise SecAggError(f"saved secure-aggregation client state lacks field {e}") from None
+    except (TypeError, ValueError) as e:  # the text could quote a secret: name the kind only
+      raise SecAggError(f"saved secure-aggregation client state is malformed "
+                        f"({type(e).__name__})") from None
+    return client
 
   def shares_for(self, peers: Sequence[str], threshold: int) -> dict[str, ShareBundle]:
     """Deals t-of-n shares of the private key and b_u to all clients of the round (self too)."""
