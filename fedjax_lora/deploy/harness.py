@@ -40,7 +40,7 @@ TAG_ENV = "FEDJAX_DEPLOY_TAG"
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
-_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
+_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (2 loaded cores: JAX exits take ~3 s)
 
 
 def _bin_dir() -> str:
@@ -365,18 +365,11 @@ class LocalDeployment:
     then a sweep of anything still carrying its tag) and reaps them; returns the seconds it
     took. Safe to call twice."""
     start = time.monotonic()
-    # SuperNodes first, so they can sign off while the SuperLink still listens
-    order = sorted(self._procs.values(), key=lambda c: (c.name == "superlink",
-                                                      c.name.startswith("worker-")))
-    alive = [c for c in order if c.alive()]
-    for comp in alive:
-      comp.signal(signal.SIGTERM)
-    deadline = time.monotonic() + _GRACE
-    for comp in alive:
-      if not comp.reap(deadline - time.monotonic()):
-        self._log(f"{comp.name} ignored SIGTERM for {_GRACE:g} s; killing it")
-        comp.signal(signal.SIGKILL)
-        comp.reap(_GRACE)
+    ran = any(c.alive() for c in self._procs.values())
+    # everything else first, so that the SuperNodes can sign off while the SuperLink listens
+    link = [c for c in self._procs.values() if c.name == "superlink"]
+    for phase in ([c for c in self._procs.values() if c.name != "superlink"], link):
+      self._terminate([c for c in phase if c.alive()])
     # Flower's detached children (the SuperLink's SuperExec) leave on their own once their
     # parent is gone; give them a moment, then kill what is left
     deadline = time.monotonic() + _GRACE
@@ -391,9 +384,24 @@ class LocalDeployment:
     for comp in self._procs.values():
       comp.close()
     seconds = time.monotonic() - start
-    if alive:
+    if ran:
       self.timings["teardown_s"] = seconds
     return seconds
+
+  def _terminate(self, comps: list[_Component]) -> None:
+    """SIGTERM to each component's process group; SIGKILL to those still running after
+    the grace period; reaps them all."""
+    for comp in comps:
+      comp.signal(signal.SIGTERM)
+    deadline = time.monotonic() + _GRACE
+    while any(c.alive() for c in comps) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    for comp in comps:
+      if comp.alive():
+        self._log(f"{comp.name} still runs {_GRACE:g} s after SIGTERM; killing it")
+        comp.signal(signal.SIGKILL)
+    for comp in comps:
+      comp.reap(_GRACE)
 
   def leftovers(self) -> list[str]:
     """Processes of this deployment still alive ('pid command line'); [] after stop()."""

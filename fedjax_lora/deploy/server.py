@@ -265,7 +265,7 @@ class Coordinator:
       self.guard.check_resumable()
     for r in sorted(self.checkpointer.all_rounds(), reverse=True):
       try:
-        restored, _ = self.checkpointer.restore(r, target=state)
+        restored, saved_row = self.checkpointer.restore(r, target=state)
         problem = self.guard.check_checkpoint(r, restored) if self.guard else None
       except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is set aside
         problem = f"cannot be restored ({type(e).__name__}: {str(e)[:200]})"
@@ -276,6 +276,7 @@ class Coordinator:
     else:
       raise ResumeError(f"no usable checkpoint in {self.workdir / 'checkpoints'}")
     r = int(restored["round"])
+    self.decided = dict(saved_row.get("decided", {}))
     round_rows.truncate_metrics(self.workdir / "metrics.jsonl", r)
     if self.guard is not None:
       self.guard.start(initial_global, r)
@@ -405,9 +406,8 @@ class Coordinator:
     accepted = np.asarray(jax.device_get(accepted))
     t_done = time.perf_counter()
     for i, name in enumerate(names):
-      if responded[i]:
+      if responded[i]:  # travels with the site's next message (see `_send_decisions`)
         self.decided[name] = {"round": r, "accepted": bool(accepted[i])}
-    self._send_decisions(transport, r, idx, responded)
     new_state = {**core, "round": jnp.int32(r)}
     for key in ("train_loss", "train_tokens", "steps"):
       metrics["client_" + key] = np.array([site_metrics.get(nm, {}).get(key, 0.0)
@@ -434,7 +434,9 @@ class Coordinator:
     if self.guard is not None:
       self.guard.record_round(r, names, responded, metrics, report, row, new_state["global"],
                               new_state)
-    self.checkpointer.save(r, new_state, round_rows.jsonable(row))
+    # The decisions not yet delivered belong to the state: a restarted coordinator resends them.
+    self.checkpointer.save(r, new_state, {**round_rows.jsonable(row),
+                                          "decided": dict(self.decided)})
     return new_state, row
 
   def _secagg_setup(self, transport, r: int, idx, present):
@@ -486,21 +488,18 @@ class Coordinator:
       return ask(protocol.SECAGG_REVEAL, asked, "shares")
     return _WireSecAgg(sa, reveal), shares
 
-  def _send_decisions(self, transport, r: int, idx, responded) -> None:
-    """Tells each site that uploaded whether its upload counted (it keeps its pending state
-    only if so); a site that misses this hears it again with its next train message."""
-    frames = {}
-    for i, k in enumerate(idx):
-      site = self.sites[k]
-      if responded[i]:
-        frames[site.node] = wire.pack(protocol.DECISION, {"nonce": self.nonce, "round": r,
-                                                         **self.decided[site.name]})
+  def _send_decisions(self, transport) -> None:
+    """Tells every site whether its last upload counted (it keeps its pending state only if
+    so). During the run a decision rides on the site's next train message, which saves a
+    message round per round (a Flower exchange costs seconds); this sends the last ones."""
+    frames = {s.node: wire.pack(protocol.DECISION, {"nonce": self.nonce, **self.decided[s.name]})
+              for s in self.sites if s.name in self.decided}
     if not frames:
       return
     for node, reply in transport.exchange(frames, self.timeouts.decision).items():
       if isinstance(reply, str):
-        self.log(f"round {r}: node {node} did not take its decision ({reply[:200]}); it is "
-                 "resent with the next round")
+        self.log(f"node {node} did not take its last decision ({reply[:200]}); it keeps that "
+                 "round's state pending")
 
   def _effective_base(self, core):
     if self.spec.algorithm.merge_base:
@@ -534,6 +533,7 @@ class Coordinator:
              f"{self.config.algorithm}, rounds {int(state['round']) + 1}..{rounds}")
     while int(state["round"]) < rounds:
       state, _ = self.step(transport, state)
+    self._send_decisions(transport)
     self.checkpointer.wait()
     self.finish(state)
     return state
