@@ -330,6 +330,25 @@ class LocalDeployment:
       raise DeployError(f"the ServerApp failed: {status.get('error')}\n{self.tails()}")
     return {**status, "seconds": seconds}
 
+  def kill_coordinator(self) -> bool:
+    """Kills the running ServerApp (a coordinator crash) and has the SuperLink end its run at
+    once, as an operator would (it would otherwise wait for the dead ServerApp's heartbeat
+    to lapse); the `run` in progress then raises. False if no ServerApp was running."""
+    killed = False
+    for line in tagged_processes(self.tag):
+      if "flwr-serverapp" in line:
+        try:
+          os.kill(int(line.split()[0]), signal.SIGKILL)
+          killed = True
+        except ProcessLookupError:
+          pass
+    runs = sorted(self.logs.glob("flwr-run-*.log"), key=lambda p: p.stat().st_mtime)
+    found = _RUN_ID.search(runs[-1].read_text(errors="replace")) if runs else None
+    if found:
+      self.last_run_id = int(found.group(1))
+      self._stop_run()
+    return killed
+
   def _stop_run(self) -> None:
     """Asks the SuperLink to stop the last run: killing `flwr run` leaves its ServerApp
     running, and it would compete with the next run for the same SuperNodes."""

@@ -52,7 +52,9 @@ VALIDATION_DIR = "validation"
 @dataclasses.dataclass(frozen=True)
 class Timeouts:
   """Seconds the coordinator waits: for the planned sites to connect, for a handshake, for
-  a round's uploads (a site that misses it is absent that round), for a decision's ack."""
+  a round's uploads (a site that misses it is absent that round; the first round a
+  coordinator process runs waits at least `hello`, as it includes the sites' compile), for
+  the last decisions' acks."""
   connect: float = 120.0
   hello: float = 300.0
   round: float = 600.0
@@ -383,7 +385,10 @@ class Coordinator:
     frames = self._train_frames(r, state, idx, present, shares)
     down = sum(wire.frame_bytes(f) for f in frames.values())
     t_send = time.perf_counter()
-    replies = transport.exchange(frames, self.timeouts.round)
+    # The sites compile their program in the first round this coordinator runs.
+    first = r == self._first_round
+    replies = transport.exchange(frames, max(self.timeouts.round, self.timeouts.hello)
+                                 if first else self.timeouts.round)
     t_back = time.perf_counter()
     up = sum(wire.frame_bytes(f) for f in replies.values() if not isinstance(f, str))
     responded, uploads, out, site_metrics, timings = self._collect(r, idx, present, replies)
@@ -528,6 +533,7 @@ class Coordinator:
   def run(self, transport: wire.Transport) -> dict:
     self.connect(transport)
     state = self.resume_or_start()
+    self._first_round = int(state["round"]) + 1
     rounds = self.parts.run.rounds
     self.log(f"deployed run {self.nonce[:12]}: {len(self.sites)} sites, algorithm "
              f"{self.config.algorithm}, rounds {int(state['round']) + 1}..{rounds}")
