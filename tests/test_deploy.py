@@ -136,17 +136,28 @@ def test_a_node_with_an_unregistered_key_is_refused_and_the_run_completes(tmp_pa
   assert audit.audit_workdir(workdir).ok
 
 
-def test_a_site_that_stops_answering_is_absent_and_the_run_completes(tmp_path, data):
+def test_a_site_that_stops_answering_or_sends_garbage_is_absent_and_the_run_completes(
+    tmp_path, data):
   config = _config("dual_lora")
-  lost = {}
+  lost, garbled = {}, {}
 
-  def kill_after_round_one(node, frame, reply):
+  def faults(node, frame, reply):
     msg = wire.unpack(frame)
     if node == 3 and msg.kind == protocol.TRAIN and msg.meta["round"] == 2:
       lost["site"] = msg.meta["site"]
       return "timeout"
+    if node == 2 and msg.kind == protocol.TRAIN and msg.meta["round"] == 1:
+      garbled["site"] = msg.meta["site"]
+      return {**reply, protocol.PAYLOAD: b"not|a|tree\n" + b"\0" * 64}
     return reply
-  _, workdir, dirs, _ = _deploy(tmp_path, data, config, tamper=kill_after_round_one)
+  lines = []
+  workdir = tmp_path / "run"
+  dirs = layout.lay_out(config, workdir, QUIET, data=data)
+  runners = {i + 1: site.SiteRunner.open(d, QUIET) for i, d in enumerate(dirs.values())}
+  server.run_server(workdir, loopback.Loopback(runners, faults), lines.append)
+  assert any(f"{garbled['site']}'s reply is malformed" in l for l in lines)
+  first = {e["site"]: e["status"] for e in _blocks(workdir)[1]["entries"]}
+  assert first[garbled["site"]] == "absent"
   statuses = {e["site"]: e["status"] for e in _blocks(workdir)[2]["entries"]}
   assert statuses[lost["site"]] == "absent"
   assert sorted(statuses.values()).count("accepted") == 2
@@ -194,8 +205,11 @@ def test_bad_frames_and_records_are_refused_with_the_field_named(tmp_path):
   path.write_text('{"source": "x"}\nnot json\n')
   with pytest.raises(DataError, match=r"train.jsonl:1: not an example record"):
     records.read_examples(path)
-  with pytest.raises(ConfigError, match="secure_aggregation is not deployed"):
-    server.refuse_unsupported(_config(**{"security.secure_aggregation": True}))
+  with pytest.raises(ConfigError, match="secure_aggregation: a deployment needs"):
+    server.refuse_unsupported(_config(**{"security.secure_aggregation": True,
+                                         "security.ledger": False}))
+  with pytest.raises(ConfigError, match="injected faults are a simulation feature"):
+    server.refuse_unsupported(_config(**{"faults.sites": "a:nan"}))
 
 
 def test_deployed_secure_aggregation_matches_the_plain_mean_and_recovers_a_site_lost_after_dealing(

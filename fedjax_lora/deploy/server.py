@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from fedjax_lora import checkpointing, comm, experiment, files, round_rows
-from fedjax_lora.algorithms import overlay_factors
+from fedjax_lora.algorithms import overlay_factors, select_factors
 from fedjax_lora.client import steps_per_round
 from fedjax_lora.data import arrays as arrays_lib, encoding, templates
 from fedjax_lora.deploy import protocol, records, secagg_wire, wire
@@ -160,8 +160,13 @@ class Coordinator:
         if isinstance(reply, str):
           self.log(f"node {n}: no handshake ({reply[:300]})")
           continue
-        meta = wire.unpack(reply).meta
-        why = protocol.check_hello(self.registry, meta, self.nonce, challenges[n])
+        try:
+          meta = wire.unpack(reply).meta
+          why = protocol.check_hello(self.registry, meta, self.nonce, challenges[n])
+          info = (float(meta["token_count"]), int(meta["examples"]),
+                  {k: int(v) for k, v in meta["lengths"].items()})
+        except (WireError, KeyError, TypeError, ValueError, AttributeError) as e:
+          why = f"malformed handshake ({type(e).__name__}: {e})"
         if why is None and meta["site"] not in self.planned:
           why = f"site {meta['site']!r} is registered but not planned for this run"
         if why is None and meta["site"] in joined:
@@ -169,9 +174,7 @@ class Coordinator:
         if why is not None:
           self.log(f"refused node {n}: {why}")
           continue
-        joined[meta["site"]] = _Site(meta["site"], n, meta["client_id"],
-                                     float(meta["token_count"]), int(meta["examples"]),
-                                     meta["lengths"])
+        joined[meta["site"]] = _Site(meta["site"], n, meta["client_id"], *info)
         self.log(f"node {n} is site {meta['site']} ({meta['examples']} examples, "
                  f"{meta['token_count']} tokens; client {meta['client_id'][:12]})")
     self.sites = [joined[s] for s in self.planned if s in joined]
@@ -250,6 +253,7 @@ class Coordinator:
   def initial_state(self) -> dict:
     g_key = jax.random.split(jax.random.key(self.parts.run.seed))[0]
     global_params = lora.init_adapter(self.model_cfg, self.spec.global_spec, g_key).params
+    self._template = global_params  # what every upload is checked against
     return {"global": global_params, "server": self.parts.aggregator.init(global_params),
             "round": jnp.int32(0)}
 
@@ -315,6 +319,18 @@ class Coordinator:
           "key": {"data": np.asarray(jax.random.key_data(keys[i]))}, "rank_mask": rank})
     return frames
 
+  def _check_shapes(self, upload: dict) -> dict:
+    """An upload's trees as the global adapter's factors it should hold (WireError or
+    ValueError when a target, factor or shape is missing or wrong)."""
+    g = jax.device_get(self._template)
+    out = {"update": _shaped_like(select_factors(g, self.parts.aggregator.sends),
+                                  upload["update"])}
+    if "control_delta" in upload:
+      out["control_delta"] = _shaped_like(g, upload["control_delta"])
+    if "local" in upload:
+      out["local"] = upload["local"]
+    return out
+
   def _collect(self, r: int, idx, present, replies: dict) -> tuple:
     """(responded [M], uploads by site, Outgoing, site metrics, timings) from the replies."""
     alg = self.spec.algorithm
@@ -338,9 +354,11 @@ class Coordinator:
           raise WireError(f"expected {site.name}'s upload of round {r}, got {msg.kind} "
                           f"{meta.get('site')!r} round {meta.get('round')}")
         payload = bytes(reply[protocol.PAYLOAD])
-        upload = None if self.parts.security.secure_aggregation else protocol.parse_upload(
-            payload, extras, f"{site.name}'s upload of round {r}")
-      except (WireError, KeyError, ValueError) as e:
+        upload = None
+        if not self.parts.security.secure_aggregation:
+          upload = protocol.parse_upload(payload, extras, f"{site.name}'s upload of round {r}")
+          upload = self._check_shapes(upload)
+      except (WireError, KeyError, ValueError, TypeError) as e:
         self.log(f"round {r}: {site.name}'s reply is malformed ({e}); absent")
         continue
       responded[i] = True
@@ -362,10 +380,9 @@ class Coordinator:
     rows, deltas, locals_ = [], [], []
     for i, k in enumerate(idx):
       up = uploads.get(self.sites[k].name) if accepted[i] else None  # None: secure agg.
-      rows.append(_shaped_like(g, overlay_factors(g, up["update"])) if up else g)
+      rows.append(overlay_factors(g, up["update"]) if up else g)
       if alg.scaffold:
-        zero = jax.tree.map(np.zeros_like, g)
-        deltas.append(_shaped_like(g, up["control_delta"]) if up else zero)
+        deltas.append(up["control_delta"] if up else jax.tree.map(np.zeros_like, g))
       if alg.needs_validation and alg.local_adapter:
         locals_.append(up["local"] if up else None)
     stack = lambda trees: jax.tree.map(lambda *x: np.stack(x), *trees)
@@ -594,7 +611,10 @@ class _WireSecAgg:
 
 
 def _shaped_like(template, tree):
-  """`tree` (decoded from the wire) as float arrays of `template`'s shapes and dtypes."""
+  """`tree` (decoded from the wire) as arrays of `template`'s structure, shapes and dtypes."""
+  if jax.tree.structure(template) != jax.tree.structure(tree):
+    raise WireError("an upload's targets or factors differ from the global adapter's")
+
   def one(t, x):
     x = np.asarray(x)
     if x.shape != t.shape:
