@@ -10,7 +10,8 @@ on 127.0.0.1 (each with a resident worker that keeps its base and compiled progr
 across rounds, unless --noresident_workers), runs the federation with `flwr run`, checks
 the ServerApp's final status, verifies the audit trail and tears every process down,
 whatever happens. DIR then holds what `launch.federate` writes: checkpoints/,
-metrics.jsonl, ledger.jsonl, config.json and the PEFT adapter under DIR/adapter; the
+metrics.jsonl, per-round plots, ledger.jsonl, config.json and the PEFT adapter under
+DIR/adapter (no per-round F1: the coordinator holds no site's test notes); the
 components' logs are in DIR/logs. For a deployment across machines see README
 ("Deploying across hospitals").
 """
@@ -25,6 +26,7 @@ from ml_collections import config_flags
 import configs
 from fedjax_lora.deploy import harness, layout, server
 from fedjax_lora.errors import DeployError
+from fedjax_lora.eval import plots
 from fedjax_lora.security import audit
 from launch import errors
 
@@ -83,6 +85,10 @@ def main(argv):
   problem = report.first_problem() if report.blocks else None
   if problem:
     raise DeployError(f"{workdir}: audit FAILED: {problem}")
+  algorithm = json.loads(json.loads(deploy_file.read_text())["config"])["algorithm"]
+  written = plots.plot_workdir(workdir, algorithm)
+  if written:
+    print(f"per-round plots: {', '.join(str(p) for p in written)}")
   print(f"final global adapter (PEFT format): {workdir / 'adapter'}")
   if report.blocks:
     print(f"audit: OK ({len(report.blocks)} blocks, {len(report.checkpoints)} checkpoints "

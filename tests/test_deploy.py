@@ -239,3 +239,18 @@ def test_deployed_secure_aggregation_matches_the_plain_mean_and_recovers_a_site_
   assert [r["secagg"] for r in rows] == [{"survivors": 2, "recovered_dropouts": 1}] * 2
   assert len(rows[0]["weights"]) == 2
   assert audit.audit_workdir(workdir).ok
+
+
+def test_deploy_local_refuses_a_resume_without_a_deployment_and_a_second_start(tmp_path):
+  import subprocess
+  import sys
+  from pathlib import Path
+  repo = Path(__file__).resolve().parent.parent
+  run = lambda *flags: subprocess.run([sys.executable, "-m", "launch.deploy_local",
+                                       f"--workdir={tmp_path}", *flags], capture_output=True,
+                                      text=True, cwd=repo, timeout=300)
+  out = run("--resume")
+  assert out.returncode != 0 and "deploy.json does not exist" in out.stderr
+  (tmp_path / server.DEPLOY_FILE).write_text("{}")
+  out = run()
+  assert out.returncode != 0 and "already holds a deployment" in out.stderr
