@@ -283,6 +283,7 @@ class Coordinator:
       raise ResumeError(f"no usable checkpoint in {self.workdir / 'checkpoints'}")
     r = int(restored["round"])
     self.decided = dict(saved_row.get("decided", {}))
+    self.dp_steps.update(saved_row.get("dp_steps", {}))
     round_rows.truncate_metrics(self.workdir / "metrics.jsonl", r)
     if self.guard is not None:
       self.guard.start(initial_global, r)
@@ -325,10 +326,11 @@ class Coordinator:
     g = jax.device_get(self._template)
     out = {"update": _shaped_like(select_factors(g, self.parts.aggregator.sends),
                                   upload["update"])}
-    if "control_delta" in upload:
+    alg = self.spec.algorithm
+    if alg.scaffold:
       out["control_delta"] = _shaped_like(g, upload["control_delta"])
-    if "local" in upload:
-      out["local"] = upload["local"]
+    if alg.needs_validation and alg.local_adapter:
+      out["local"] = upload["local"]  # scored on the validation set; non-finite is handled
     return out
 
   def _collect(self, r: int, idx, present, replies: dict) -> tuple:
@@ -358,18 +360,22 @@ class Coordinator:
         if not self.parts.security.secure_aggregation:
           upload = protocol.parse_upload(payload, extras, f"{site.name}'s upload of round {r}")
           upload = self._check_shapes(upload)
-      except (WireError, KeyError, ValueError, TypeError) as e:
+        sig = meta.get("signature")
+        signed = identity.SignedUpload(
+            r, str(meta.get("client_id", "")), str(meta.get("update_hash", "")),
+            bytes.fromhex(sig) if sig else None, str(meta.get("run", "")))
+        site_metrics = {k: float(v) for k, v in dict(meta.get("metrics", {})).items()}
+        if not all(np.isfinite(site_metrics.get(k, 0.0)) for k in ("steps", "train_tokens")):
+          raise WireError("non-finite step or token count")
+      except (WireError, KeyError, ValueError, TypeError, AttributeError) as e:
         self.log(f"round {r}: {site.name}'s reply is malformed ({e}); absent")
         continue
       responded[i] = True
       uploads[site.name] = upload
-      metrics[site.name] = meta.get("metrics", {})
+      metrics[site.name] = site_metrics
       timings[site.name] = meta.get("timings", {})
-      sig = meta.get("signature")
       out.payloads[site.name] = payload
-      out.signed[site.name] = identity.SignedUpload(
-          int(meta["round"]), str(meta.get("client_id", "")), str(meta.get("update_hash", "")),
-          bytes.fromhex(sig) if sig else None, str(meta.get("run", "")))
+      out.signed[site.name] = signed
     return responded, uploads, out, metrics, timings
 
   def _stack(self, idx, state, uploads: dict, accepted) -> dict:
@@ -458,7 +464,8 @@ class Coordinator:
                               new_state)
     # The decisions not yet delivered belong to the state: a restarted coordinator resends them.
     self.checkpointer.save(r, new_state, {**round_rows.jsonable(row),
-                                          "decided": dict(self.decided)})
+                                          "decided": dict(self.decided),
+                                          "dp_steps": dict(self.dp_steps)})
     return new_state, row
 
   def _secagg_setup(self, transport, r: int, idx, present):
@@ -477,13 +484,22 @@ class Coordinator:
         reply = replies.get(node, "no reply") if s in metas else None
         if reply is None:
           continue
-        if isinstance(reply, str):
-          self.log(f"round {r}: {s} is absent from secure aggregation ({reply[:200]})")
+        try:
+          if isinstance(reply, str):
+            raise WireError(reply[:200])
+          msg = wire.unpack(reply)
+          if msg.kind != protocol.SECAGG_REPLY or msg.meta.get("site") != s or \
+              msg.meta.get("round") != r or field not in msg.meta:
+            raise WireError(f"expected {s}'s {field} of round {r}")
+        except WireError as e:
+          self.log(f"round {r}: {s} is absent from secure aggregation ({e})")
           continue
-        got[s] = wire.unpack(reply).meta.get(field)
+        got[s] = msg.meta[field]
       return got
     if len(sites) < secagg.MIN_SURVIVORS:
-      self.log(f"round {r}: secure aggregation needs at least {secagg.MIN_SURVIVORS} sites")
+      self.log(f"round {r}: secure aggregation needs at least {secagg.MIN_SURVIVORS} sites; "
+               "nobody trains this round")
+      present[:] = False
       return None, None
     sa = secagg_wire.ServerSecAgg(sorted(sites), self.guard.secagg_threshold(len(sites)),
                                   self.parts.security.secagg_frac_bits, round=r)

@@ -288,6 +288,13 @@ class SiteRunner:
       raise WireError(f"site {self.name}: a train message for site {meta.get('site')!r}")
     for decided in meta.get("decided", []):  # decisions this site may have missed
       self._commit(nonce, int(decided["round"]), bool(decided["accepted"]))
+    # A coordinator that resumed from an older checkpoint re-runs rounds >= r: what this site
+    # kept or trained for them belongs to the abandoned timeline.
+    for kind in ("state", "pending"):
+      folder = self._run_dir(nonce) / kind
+      for path in folder.glob("round_*.bin") if folder.exists() else ():
+        if int(path.stem.split("_")[1]) >= r:
+          path.unlink()
     run = self._run(nonce)
     t0 = time.perf_counter()
     global_params = trees["global"]

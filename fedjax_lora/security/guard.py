@@ -188,7 +188,12 @@ class RoundGuard:
       return zeros
     for i, name in enumerate(names):
       if name in out.payloads and accepted[i]:
-        rnd.receive(name, np.frombuffer(out.payloads[name], np.uint64))
+        try:
+          rnd.receive(name, np.frombuffer(out.payloads[name], np.uint64))
+        except (ValueError, secagg.SecAggError) as e:  # a signed but malformed vector
+          accepted[i] = False
+          report["rejected"][name] = "malformed"
+          self.log(f"round {r}: rejected the masked upload of {name}: {e}")
       elif name in rnd.ids:
         accepted[i] = False
     try:
