@@ -186,7 +186,7 @@ def _site_reply(site_dir: str, frame: Frame, worker_timeout: float) -> Frame:
   except worker.WorkerUnavailable as e:
     # the fresh-process fallback: one process per message, paying the JAX import and the
     # site's open every time (fine for tests and small runs)
-    if os.path.exists(os.path.join(site_dir, worker.SOCKET_NAME)):
+    if os.path.exists(worker.socket_path(site_dir)):
       _log(f"{e}; opening the site in-process")
   from fedjax_lora.deploy import site  # pylint: disable=import-outside-toplevel
   return site.SiteRunner.open(site_dir, _log).handle(frame)

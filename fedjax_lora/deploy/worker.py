@@ -3,7 +3,8 @@
 Flower 1.42 starts a fresh `flwr-clientapp` process for every message: each one would import
 JAX (5-6 s), load the base model and tokenizer and compile the site's programs again. The
 worker opens the site once (`SiteRunner.open`) and answers frames on a Unix domain socket
-`<site-dir>/worker.sock`; the ClientApp only forwards the frame to it (`call_worker`), which
+`<site-dir>/worker.sock` (under the temp dir when that path is too long; `socket_path`); the
+ClientApp only forwards the frame to it (`call_worker`), which
 needs neither JAX nor the project's array code, so it stays a thin, fast shim.
 
     python -m fedjax_lora.deploy.worker --site-dir=/abs/site
@@ -22,11 +23,13 @@ is imported only by the worker process itself.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import time
 import traceback
 
@@ -51,12 +54,18 @@ class WorkerUnavailable(DeployError):
 
 
 def socket_path(site_dir: str) -> str:
-  """`<site-dir>/worker.sock`; DeployError if the path is too long for a Unix socket."""
-  path = os.path.join(os.path.abspath(site_dir), SOCKET_NAME)
-  if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-    raise DeployError(f"site dir {site_dir}: the worker socket path {path} is longer than "
-                      f"{_MAX_SOCKET_PATH} bytes, the Unix socket limit; use a shorter site dir")
-  return path
+  """`<site-dir>/worker.sock`, or, when that is longer than a Unix socket path may be,
+  `<tmp>/fedjax-worker-<hash of the site dir>.sock` (both sides derive the same name)."""
+  site_dir = os.path.abspath(site_dir)
+  path = os.path.join(site_dir, SOCKET_NAME)
+  if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+    return path
+  digest = hashlib.sha256(os.fsencode(site_dir)).hexdigest()[:24]
+  short = os.path.join(tempfile.gettempdir(), f"fedjax-worker-{digest}.sock")
+  if len(os.fsencode(short)) > _MAX_SOCKET_PATH:
+    raise DeployError(f"site dir {site_dir}: no worker socket path fits the {_MAX_SOCKET_PATH}-"
+                      "byte Unix socket limit; use a shorter site dir or TMPDIR")
+  return short
 
 
 def ready_path(site_dir: str) -> str:
