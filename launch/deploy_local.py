@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
-from fedjax_lora.deploy import harness, layout, server
+from fedjax_lora.deploy import layout, server
 from fedjax_lora.errors import DeployError
 from fedjax_lora.eval import plots
 from fedjax_lora.security import audit
@@ -59,6 +59,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   log = lambda s: print(s, file=sys.stderr, flush=True)
+  try:  # before any work: Flower is the `deploy` extra
+    from fedjax_lora.deploy import harness  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise DeployError(f"launch.deploy_local needs Flower: pip install -e '.[deploy]' "
+                      f"(Python >= 3.11) ({e})") from None
   workdir = Path(_WORKDIR.value).resolve()
   deploy_file = workdir / server.DEPLOY_FILE
   if _RESUME.value:
