@@ -12,6 +12,7 @@ import numpy as np
 from fedjax_lora import comm, files
 from fedjax_lora.algorithms import Algorithm
 from fedjax_lora.eval.report import f1_line
+from fedjax_lora.privacy import accounting
 
 
 def traffic(algorithm: Algorithm, sends: tuple[str, ...], ranks: list[int], present, shapes,
@@ -97,6 +98,27 @@ def format_row(row: dict) -> str:
   return (f"round {row['round']:3d} | clients {sum(row['present'])}/{len(row['clients'])} | "
           f"loss {row['mean_train_loss']:.4f}{val} | weights {weights} | up {up:.2f} MB | "
           f"{row.get('seconds', 0):.1f}s")
+
+
+def privacy(client, client_dp: bool, security, run, r: int, names: list[str], present,
+            metrics: dict, dp_steps: dict[str, int], train_sizes: dict[str, int]) -> dict:
+  """Round r's per-site DP-SGD epsilon (adding the round's local steps to `dp_steps`, in
+  place) and the run's client-level epsilon so far, over all sites of `train_sizes`."""
+  out = {}
+  if client.dp:
+    for i, name in enumerate(names):
+      if present[i]:
+        dp_steps[name] += int(metrics["client_steps"][i])
+    per_step = run.batch_size * run.accumulation
+    out["epsilon"] = {
+        s: accounting.dp_sgd_epsilon(client.dp_noise_multiplier, min(1.0, per_step / max(n, 1)),
+                                     dp_steps[s], security.dp_delta)
+        for s, n in train_sizes.items()}
+    out["dp_steps"] = dict(dp_steps)
+  if client_dp:
+    out["client_epsilon"] = accounting.client_level_epsilon(
+        security.client_dp_noise, len(names), len(train_sizes), r, security.dp_delta)
+  return out
 
 
 def truncate_metrics(path: Path, round_index: int) -> None:

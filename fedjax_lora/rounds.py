@@ -57,6 +57,13 @@ def base_with_delta(base: dict, delta: dict, spec: LoraSpec) -> dict:
   return {**base, "layers": layers}
 
 
+def effective_base(spec: RoundSpec, base: dict, server: dict) -> dict:
+  """The frozen base the round's models run on: FLoRA's merged updates added in."""
+  if not spec.algorithm.merge_base:
+    return base
+  return base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+
+
 def validation_loss(graphdef, base, adapters, val: dict):
   """Mean token cross-entropy over the validation set (chunks of [C, L] under lax.map)."""
   def chunk(batch):
@@ -104,6 +111,12 @@ def _take(tree, idx):
 # it keeps. `site_update` is one site in plain form (what a deployed site runs);
 # `train_clients` runs its two pieces (`_site_train` over the client axis, then `_controls`
 # vmapped) over the round's stacked sites in one program.
+
+def initial_global(spec: RoundSpec, model_config, seed: int) -> dict:
+  """The server's round-0 global adapter (PEFT's init from the run's seed)."""
+  g_key = jax.random.split(jax.random.key(seed))[0]  # [1] initialises local adapters
+  return lora.init_adapter(model_config, spec.global_spec, g_key).params
+
 
 def initial_site_state(spec: RoundSpec, model_config, global_params, seed: int) -> dict:
   """What one site holds before its first round: its own copy of the factors it keeps
@@ -160,8 +173,7 @@ def site_update(spec: RoundSpec, graphdef, base, global_params, server, own: dic
   upload (the server takes the factors the algorithm sends), ["local"] its local adapter;
   out["controls"] / ["control_delta"] its new SCAFFOLD control and the change it uploads;
   out["opt"] its optimizer state (config.keep_optimizer_state)."""
-  if spec.algorithm.merge_base:
-    base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+  base = effective_base(spec, base, server)
   trained, new_opt, metrics = _site_train(spec, graphdef, base, global_params, server, own,
                                           batches, step_mask, rng, rank_mask)
   out = {"trained": trained, "opt": new_opt if spec.keep_optimizer_state else None,
@@ -196,8 +208,7 @@ def train_clients(spec: RoundSpec, graphdef, base, state: dict, sites: dict, bat
   the client axis, as spec.mode says), then the configured upload faults: (out, metrics)."""
   alg = spec.algorithm
   server = state["server"]
-  if alg.merge_base:
-    base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+  base = effective_base(spec, base, server)
   global_params = state["global"]
   own = site_state(sites, idx)
 
@@ -263,8 +274,7 @@ def server_aggregate(spec: RoundSpec, aggregator: agg_lib.Aggregator, graphdef, 
   """
   alg = spec.algorithm
   server = state["server"]
-  if alg.merge_base:
-    base = base_with_delta(base, server.get("base_delta", {}), spec.global_spec)
+  base = effective_base(spec, base, server)
   global_params = state["global"]
   sent = uploads["global"]
   metrics = {}

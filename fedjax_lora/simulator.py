@@ -17,17 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora import aggregators as agg_lib
-from fedjax_lora import batching, checkpointing, client_modes, comm, faults, round_rows
+from fedjax_lora import batching, checkpointing, client_modes, comm, faults, round_rows, rounds
 from fedjax_lora.algorithms import Algorithm, overlay_factors
 from fedjax_lora.client import ClientConfig, steps_per_round
 from fedjax_lora.data.arrays import SiteArrays, common_length, validation_chunks
 from fedjax_lora.errors import ConfigError, ResumeError
-from fedjax_lora.privacy import accounting
-from fedjax_lora.rounds import (RoundSpec, base_with_delta, compile_round, compile_round_phases,
+from fedjax_lora.rounds import (RoundSpec, compile_round, compile_round_phases, initial_global,
                                 initial_site_state, validation_loss)
 from fedjax_lora.security import guard, site_side
 from fedjax_lora.security.config import SecurityConfig
-from models import lora
 from models.lora import LoraAdapter, LoraSpec
 
 
@@ -180,8 +178,7 @@ class Federation:
   # ---- state -------------------------------------------------------------------------------
   def initial_state(self) -> dict:
     """Round-0 state: one shared global adapter (the server's init, sent to every site)."""
-    g_key = jax.random.split(jax.random.key(self.run.seed))[0]
-    global_params = lora.init_adapter(self.model_config, self.spec.global_spec, g_key).params
+    global_params = initial_global(self.spec, self.model_config, self.run.seed)
     n = len(self.sites)
     own = initial_site_state(self.spec, self.model_config, global_params, self.run.seed)
     sites = jax.tree.map(lambda x: jnp.stack([x] * n), own)
@@ -204,10 +201,7 @@ class Federation:
     self.state = self.place(jax.tree.map(jnp.asarray, state), False)
 
   def effective_base(self):
-    if self.algorithm.merge_base:
-      return base_with_delta(self.base, self.state["server"].get("base_delta", {}),
-                             self.spec.global_spec)
-    return self.base
+    return rounds.effective_base(self.spec, self.base, self.state["server"])
 
   def global_adapters(self) -> list[LoraAdapter]:
     """The global model: for fedsa_lora, B is the token-weighted mean of the sites' B."""
@@ -349,24 +343,10 @@ class Federation:
 
   def _privacy(self, idx, present, metrics) -> dict:
     """Per-site epsilon of example-level DP-SGD and the run's client-level epsilon so far."""
-    out = {}
-    client = self.spec.client
-    if client.dp:
-      for i, k in enumerate(idx):
-        if present[i]:
-          self.dp_steps[self.sites[k].name] += int(metrics["client_steps"][i])
-      per_step = self.run.batch_size * self.run.accumulation
-      out["epsilon"] = {
-          s.name: accounting.dp_sgd_epsilon(client.dp_noise_multiplier,
-                                            min(1.0, per_step / max(len(s.train), 1)),
-                                            self.dp_steps[s.name], self.security.dp_delta)
-          for s in self.sites}
-      out["dp_steps"] = dict(self.dp_steps)
-    if self.algorithm.client_dp:
-      out["client_epsilon"] = accounting.client_level_epsilon(
-          self.security.client_dp_noise, len(idx), len(self.sites), int(self.state["round"]),
-          self.security.dp_delta)
-    return out
+    return round_rows.privacy(self.spec.client, self.algorithm.client_dp, self.security,
+                              self.run, int(self.state["round"]),
+                              [self.sites[k].name for k in idx], present, metrics,
+                              self.dp_steps, {s.name: len(s.train) for s in self.sites})
 
   def _summarise(self, r, idx, present, metrics, uplink_example, accepted=None) -> dict:
     ranks = ([int(self.rank_masks[k].sum()) for k in idx] if self.rank_masks is not None

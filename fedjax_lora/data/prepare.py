@@ -62,6 +62,17 @@ def token_counter(tokenizer):
   return count
 
 
+def split_arrays(examples, renderer: templates.Renderer, config, cache=None,
+                 cache_key: dict | None = None) -> arrays_lib.SiteArrays:
+  """One split's examples as padded arrays, as data config `config` says (max_length,
+  loss); the one place the prepared data, a deployed site and its coordinator tokenize."""
+  max_length = int(config.get("max_length", 800))
+  tokenizer = renderer.tokenizer
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  enc = encoding.encode(examples, renderer, max_length, cache, cache_key)
+  return arrays_lib.to_arrays(enc, pad_id, max_length, config.get("loss", "full"))
+
+
 def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
             log: Callable[[str], None] = print) -> PreparedData:
   """Builds sites, tokenizes every split (Arrow-cached under out_dir/cache) and reports."""
@@ -82,7 +93,6 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
     log(f"training {spec} tokenizer on {len(texts)} training examples")
     tokenizer = resolve_tokenizer(spec, out_dir, texts)
   renderer = templates.make_renderer(tokenizer, config.get("prompt_format", "paper"))
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   cache = Path(out_dir) / "cache" if out_dir else None
   config_blob = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   arrays, report = {}, {"max_length": max_length, "loss": loss, "sites": {},
@@ -98,9 +108,8 @@ def prepare(config, out_dir: str | os.PathLike | None = None, tokenizer=None,
         raise DataError(f"site {name}: split {split} has no examples; check its corpus split "
                         "and label map")
       log(f"tokenizing {name}/{split}: {len(examples)} examples")
-      enc = encoding.encode(examples, renderer, max_length, cache,
-                            {"site": name, "split": split, "config": config_blob})
-      arr = arrays_lib.to_arrays(enc, pad_id, max_length, loss)
+      arr = split_arrays(examples, renderer, config, cache,
+                         {"site": name, "split": split, "config": config_blob})
       arrays[name][split] = arr
       site_report["splits"][split] = {**site.stats[split], "tokens": arr.token_count,
                                       "sequence_length": int(arr.tokens.shape[1]),

@@ -33,15 +33,16 @@ import numpy as np
 from fedjax_lora import checkpointing, comm, experiment, files, round_rows
 from fedjax_lora.algorithms import overlay_factors, select_factors
 from fedjax_lora.client import steps_per_round
-from fedjax_lora.data import arrays as arrays_lib, encoding, templates
+from fedjax_lora.data import arrays as arrays_lib, prepare, templates
 from fedjax_lora.deploy import protocol, records, secagg_wire, wire
 from fedjax_lora.errors import ConfigError, DeployError, ResumeError, WireError
-from fedjax_lora.privacy import accounting, secagg
-from fedjax_lora.rounds import RoundSpec, base_with_delta, server_aggregate, validation_loss
+from fedjax_lora.privacy import secagg
+from fedjax_lora.rounds import (RoundSpec, effective_base, initial_global, server_aggregate,
+                                validation_loss)
 from fedjax_lora.security import guard as guard_lib, identity
 from fedjax_lora.security.site_side import Outgoing
 from fedjax_lora.simulator import sample_clients
-from models import checkpoints, hf_checkpoint, lora, peft_io
+from models import checkpoints, hf_checkpoint, peft_io
 from models.lora import LoraAdapter
 
 DEPLOY_FILE = "deploy.json"
@@ -238,21 +239,15 @@ class Coordinator:
       return None
     d = self.config.data
     renderer = templates.make_renderer(tokenizer, d.get("prompt_format", "paper"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    devs = []
-    for name in names:
-      examples = records.read_examples(self.workdir / VALIDATION_DIR / f"{name}.jsonl")
-      enc = encoding.encode(examples, renderer, int(d.get("max_length", 800)))
-      devs.append(arrays_lib.to_arrays(enc, pad_id, int(d.get("max_length", 800)),
-                                       d.get("loss", "full")))
+    devs = [prepare.split_arrays(records.read_examples(
+        self.workdir / VALIDATION_DIR / f"{name}.jsonl"), renderer, d) for name in names]
     self.length = max(self.length, *(a.tokens.shape[1] for a in devs))
     return jax.tree.map(jnp.asarray, arrays_lib.validation_chunks(
         devs, run.val_examples_per_site, run.val_chunk, self.length))
 
   # ---- state ------------------------------------------------------------------------------------
   def initial_state(self) -> dict:
-    g_key = jax.random.split(jax.random.key(self.parts.run.seed))[0]
-    global_params = lora.init_adapter(self.model_cfg, self.spec.global_spec, g_key).params
+    global_params = initial_global(self.spec, self.model_cfg, self.parts.run.seed)
     self._template = global_params  # what every upload is checked against
     return {"global": global_params, "server": self.parts.aggregator.init(global_params),
             "round": jnp.int32(0)}
@@ -447,10 +442,13 @@ class Coordinator:
                                  responded, shapes, self.full_model_bytes)
     row = round_rows.summarise(r, names, responded, metrics, traffic, accepted)
     row.update(report.get("row", {}))
-    row.update(self._privacy(idx, responded, metrics, r))
+    row.update(round_rows.privacy(
+        self.spec.client, self.spec.algorithm.client_dp, self.parts.security, run, r, names,
+        responded, metrics, self.dp_steps, {s.name: s.examples for s in self.sites}))
     if run.eval_every and r % run.eval_every == 0 and self.val is not None:
-      row["val_loss"] = float(self.val_fn(self._effective_base(core), [LoraAdapter(
-          core["global"], self.spec.global_spec)], self.val))
+      base = effective_base(self.spec, self.base, core["server"])
+      row["val_loss"] = float(self.val_fn(base, [LoraAdapter(core["global"],
+                                                             self.spec.global_spec)], self.val))
     row["wire"] = {"down_bytes": down, "up_bytes": up}
     row["deploy_seconds"] = {"send_and_train": t_back - t_send, "aggregate": t_done - t_agg,
                              "sites": timings}
@@ -463,9 +461,9 @@ class Coordinator:
       self.guard.record_round(r, names, responded, metrics, report, row, new_state["global"],
                               new_state)
     # The decisions not yet delivered belong to the state: a restarted coordinator resends them.
+    # (the row carries dp_steps under DP-SGD, as the simulator's does)
     self.checkpointer.save(r, new_state, {**round_rows.jsonable(row),
-                                          "decided": dict(self.decided),
-                                          "dp_steps": dict(self.dp_steps)})
+                                          "decided": dict(self.decided)})
     return new_state, row
 
   def _secagg_setup(self, transport, r: int, idx, present):
@@ -539,29 +537,6 @@ class Coordinator:
         self.log(f"node {node} did not take its last decision ({reply[:200]}); it keeps that "
                  "round's state pending")
 
-  def _effective_base(self, core):
-    if self.spec.algorithm.merge_base:
-      return base_with_delta(self.base, core["server"].get("base_delta", {}),
-                             self.spec.global_spec)
-    return self.base
-
-  def _privacy(self, idx, responded, metrics, r: int) -> dict:
-    """Per-site DP-SGD epsilon from the steps the sites reported, and client-level epsilon."""
-    out = {}
-    client, run, sec = self.spec.client, self.parts.run, self.parts.security
-    if client.dp:
-      for i, k in enumerate(idx):
-        if responded[i]:
-          self.dp_steps[self.sites[k].name] += int(metrics["client_steps"][i])
-      per_step = run.batch_size * run.accumulation
-      out["epsilon"] = {s.name: accounting.dp_sgd_epsilon(
-          client.dp_noise_multiplier, min(1.0, per_step / max(s.examples, 1)),
-          self.dp_steps[s.name], sec.dp_delta) for s in self.sites}
-    if self.spec.algorithm.client_dp:
-      out["client_epsilon"] = accounting.client_level_epsilon(
-          sec.client_dp_noise, len(idx), len(self.sites), r, sec.dp_delta)
-    return out
-
   # ---- the whole run ----------------------------------------------------------------------------
   def run(self, transport: wire.Transport) -> dict:
     self.connect(transport)
@@ -591,7 +566,8 @@ class Coordinator:
     self.log(f"final global adapter (PEFT format): {out}{note}")
     if alg.merge_base:
       merged = hf_checkpoint.save_params(self.workdir / "merged_model", self.model_cfg,
-                                         jax.device_get(self._effective_base(state)))
+                                         jax.device_get(effective_base(
+                                             self.spec, self.base, state["server"])))
       self.log(f"FLoRA base with the aggregated updates merged in (HF format): {merged}")
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from fedjax_lora import batching, experiment, files
 from fedjax_lora.algorithms import select_factors
-from fedjax_lora.data import arrays as arrays_lib, encoding, templates
+from fedjax_lora.data import prepare, templates
 from fedjax_lora.deploy import protocol, records, secagg_wire, wire
 from fedjax_lora.errors import DeployError, WireError
 from fedjax_lora.rounds import RoundSpec, initial_site_state, site_accept, site_update
@@ -111,16 +111,12 @@ class _Run:
     t1 = time.perf_counter()
     d = config.data
     renderer = templates.make_renderer(tokenizer, d.get("prompt_format", "paper"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    max_length, loss = int(d.get("max_length", 800)), d.get("loss", "full")
     self.arrays = {}
     for split in ("train", "dev"):
       path = settings.data / f"{split}.jsonl"
       if split == "dev" and not path.exists():
         continue
-      examples = records.read_examples(path)
-      enc = encoding.encode(examples, renderer, max_length)
-      self.arrays[split] = arrays_lib.to_arrays(enc, pad_id, max_length, loss)
+      self.arrays[split] = prepare.split_arrays(records.read_examples(path), renderer, d)
     t2 = time.perf_counter()
     # The server calibrated the DP-SGD noise for the whole federation: use its figure.
     config = ml_collections.ConfigDict(config.to_dict())

@@ -4,8 +4,9 @@ A frame is a flat {name: bytes} map: "kind" (what the message asks or answers), 
 JSON object of plain values) and one entry per array tree, serialized by
 `security.identity.tree_bytes` (sorted paths, dtype and shape headers, little-endian data),
 so a tree decodes to exactly the numbers that were sent and hashes the same on both sides
-(adapters are float32; bfloat16 would come back as raw 2-byte void and is refused). The Flower apps put a frame in one ConfigRecord; the loopback passes
-it as is. Nothing else crosses between a site and the server.
+(adapters are float32; a bfloat16 leaf would come back as raw 2-byte void). The Flower apps
+put a frame in one ConfigRecord; the loopback passes it as is. Nothing else crosses between
+a site and the server.
 """
 
 from __future__ import annotations
