@@ -13,14 +13,19 @@ from models.hf_checkpoint import CheckpointError
 from models.tokenizer import load_tokenizer as load_hf_tokenizer
 
 
-def resolve(spec: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
-  """A local HF directory or GGUF file for `spec` (fetching a named base on first use)."""
+def resolve(spec: str | os.PathLike, log: Callable[[str], None] = print,
+            gguf: bool = False) -> Path:
+  """A local HF directory or GGUF file for `spec` (fetching a named base on first use).
+
+  gguf: a named base as its GGUF file rather than the converted HF directory (what
+  quantize=keep reads its blocks from).
+  """
   spec = str(spec)
   if not spec:
     raise CheckpointError("empty model path: give an HF checkpoint directory, a .gguf file "
                           f"or a named base ({', '.join(bases.BASES)})")
   if bases.is_named(spec):
-    return bases.resolve(spec, log)
+    return bases.gguf_path(spec, log) if gguf else bases.resolve(spec, log)
   path = Path(spec).expanduser()
   if path.is_file():
     if gguf_checkpoint.is_gguf(path):
@@ -38,11 +43,12 @@ def load_config(path: Path, **overrides) -> LlamaConfig:
 
 
 def load_params(path: Path, config: LlamaConfig | None = None,
-                log: Callable[[str], None] | None = None):
-  """(config, graphdef, params) of a resolved checkpoint, in `config.param_dtype`."""
+                log: Callable[[str], None] | None = None, quantize=None):
+  """(config, graphdef, params) of a resolved checkpoint, in `config.param_dtype`, its
+  projections held as `quantize` (a models.quant.QuantConfig) says."""
   if path.is_file():
-    return gguf_checkpoint.load_params(path, config, log=log)
-  return hf_checkpoint.load_params(path, config, log=log)
+    return gguf_checkpoint.load_params(path, config, log=log, quantize=quantize)
+  return hf_checkpoint.load_params(path, config, log=log, quantize=quantize)
 
 
 def load_tokenizer(path: Path):

@@ -19,3 +19,7 @@ class AdapterError(ValueError):
 
 class TokenizerError(ValueError):
   """A tokenizer directory that cannot be loaded or does not fit."""
+
+
+class QuantizationError(ValueError):
+  """A quantization setting that is invalid or does not fit the base; names it or the tensor."""

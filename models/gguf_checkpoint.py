@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from models import llama
+from models import llama, quant
 from models.config import LlamaConfig
 from models.hf_checkpoint import CheckpointError
 
@@ -190,11 +190,16 @@ def permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
-                log: Callable[[str], None] | None = None) -> tuple[LlamaConfig, object, dict]:
+                log: Callable[[str], None] | None = None,
+                quantize: "quant.QuantConfig | None" = None) -> tuple[LlamaConfig, object, dict]:
   """(config, graphdef, params) from a GGUF file, in `config.param_dtype` (float32 default).
 
   `config` overrides only numerics/execution fields; its shapes must match the file's.
+  `quantize`: nf4 / int8 quantize the projections after dequantizing them; keep holds
+  the file's Q4_0 / Q4_1 / Q8_0 blocks of the projections, embedding and head as stored.
   """
+  quantize = quantize or quant.QuantConfig()
+  keep = quantize.mode == "keep"
   import jax.numpy as jnp
 
   source = str(path)
@@ -216,6 +221,7 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
   filled = {k: np.zeros(L, bool) for k in stacked}
   params: dict = {}
   unknown = []
+  kept: dict = {}  # leaf -> {layer: (GGUF type, split block arrays)}
   for tensor in reader.tensors:
     name = tensor.name
     if name == "rope_freqs.weight":
@@ -236,6 +242,15 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
     want = abstract[leaf] if layer is None else abstract["layers"][leaf]
     want_shape = tuple(want.shape if layer is None else want.shape[1:])
     file_shape = want_shape[::-1] if matrix else want_shape  # matrices as torch [out, in]
+    if keep and (matrix or leaf == "embed"):
+      parts = _kept_blocks(tensor, leaf, file_shape, config, source)
+      if parts is not None:
+        if layer is None:
+          params[leaf] = quant.from_gguf(parts, tensor.tensor_type.name)
+        else:
+          kept.setdefault(leaf, {})[layer] = (tensor.tensor_type.name, parts)
+          filled[leaf][layer] = True
+        continue
     array = _dequantize(tensor, source)
     if tuple(array.shape) != file_shape:
       raise CheckpointError(f"{source}: tensor {name} has shape {tuple(array.shape)}; the "
@@ -261,12 +276,58 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
   if missing:
     raise CheckpointError(f"{source}: missing tensors {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-  params["layers"] = {k: jnp.asarray(v) for k, v in stacked.items()}
+  for leaf, by_layer in kept.items():
+    stacked[leaf] = _stack_kept(leaf, by_layer, L, source)
+  params["layers"] = quant.quantize_layers(stacked, quantize)
   if log:
     types = sorted({t.tensor_type.name for t in reader.tensors})
+    held = (f"{len(kept) + sum(k in params and isinstance(params[k], quant.QuantizedWeight) for k in ('embed', 'lm_head'))} "
+            f"weights kept as stored, the rest dequantized to {dtype}" if keep else
+            f"dequantized to {dtype}" + (f", projections quantized to {quantize.describe()}"
+                                         if quantize.active else ""))
     log(f"loaded {config.num_params() / 1e6:.1f}M parameters from {source} "
-        f"(GGUF {'/'.join(types)}, dequantized to {dtype})")
+        f"(GGUF {'/'.join(types)}, {held})")
   return config, graphdef, params
+
+
+def _kept_blocks(tensor, leaf: str, file_shape, config: LlamaConfig, source: str):
+  """quantize=keep: a matrix's blocks split as stored (rows in our RoPE order), or None for a
+  float tensor (loaded as float like any other)."""
+  type_name = tensor.tensor_type.name
+  if type_name in ("F32", "F16", "BF16"):
+    return None
+  if type_name not in quant.GGUF_LAYOUTS:
+    raise CheckpointError(
+        f"{source}: tensor {tensor.name} is {type_name}; quantize=keep holds "
+        f"{', '.join(quant.GGUF_LAYOUTS)} blocks as stored. Use quantize=none (dequantize on "
+        "load) or nf4 / int8 (requantize after dequantizing)")
+  raw = np.asarray(tensor.data)
+  if raw.ndim != 2 or raw.shape[0] != file_shape[0] or file_shape[1] % 32:
+    raise CheckpointError(f"{source}: tensor {tensor.name} ({type_name}) holds {raw.shape} "
+                          f"bytes; the metadata implies {file_shape} weights in 32-blocks")
+  parts = quant.split_gguf_rows(raw, type_name)
+  heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(leaf)
+  if heads:  # per-head row order, as for float weights; blocks run along the columns
+    parts = {k: unpermute_rows(v, heads) for k, v in parts.items()}
+  return parts
+
+
+def _stack_kept(leaf: str, by_layer: dict, num_layers: int, source: str):
+  """One QuantizedWeight [L, ...] from every layer's blocks, which must share one type."""
+  types = {layer: t for layer, (t, _) in by_layer.items()}
+  inverse = {ours: g for g, (ours, _) in LAYER_TENSORS.items()}
+  if len(by_layer) != num_layers or len(set(types.values())) > 1:
+    first = min(types)
+    other = next((l for l in range(num_layers) if types.get(l) != types[first]), None)
+    raise CheckpointError(
+        f"{source}: quantize=keep stacks one type per weight across blocks, but "
+        f"blk.{first}.{inverse[leaf]}.weight is {types[first]} and "
+        f"blk.{other}.{inverse[leaf]}.weight is {types.get(other, 'a float type')}; "
+        "use quantize=none or nf4 for this file")
+  type_name = types[0]
+  parts = {k: np.stack([by_layer[l][1][k] for l in range(num_layers)])
+           for k in by_layer[0][1]}
+  return quant.from_gguf(parts, type_name)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -20,9 +20,9 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from models import llama
+from models import llama, quant
 from models.config import LlamaConfig
-from models.errors import CheckpointError
+from models.errors import CheckpointError, QuantizationError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -146,8 +146,17 @@ def _route(name: str):
 
 
 def load_params(model_dir: str | os.PathLike, config: LlamaConfig | None = None,
-                log: Callable[[str], None] | None = None) -> tuple[LlamaConfig, object, dict]:
-  """Loads (config, graphdef, params) in `config.param_dtype`; checks every shape and key."""
+                log: Callable[[str], None] | None = None,
+                quantize: "quant.QuantConfig | None" = None) -> tuple[LlamaConfig, object, dict]:
+  """Loads (config, graphdef, params) in `config.param_dtype`; checks every shape and key.
+
+  `quantize` (nf4 / int8) quantizes the projections leaf by leaf as they reach the device.
+  """
+  quantize = quantize or quant.QuantConfig()
+  if quantize.mode == "keep":
+    raise QuantizationError(f"{model_dir}: quantize=keep holds a GGUF file's blocks as stored; "
+                            "this is an HF checkpoint directory of float weights. Use "
+                            "quantize=nf4 or int8, or give the .gguf file")
   model_dir = resolve_model_dir(str(model_dir))
   config = config or load_config(model_dir)
   graphdef, abstract = llama.abstract_model(config)
@@ -194,9 +203,10 @@ def load_params(model_dir: str | os.PathLike, config: LlamaConfig | None = None,
   if missing:
     raise CheckpointError(f"{model_dir}: missing tensors {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-  params["layers"] = {k: jnp.asarray(v) for k, v in stacked.items()}
+  params["layers"] = quant.quantize_layers(stacked, quantize)
   if log:
-    log(f"loaded {config.num_params() / 1e6:.1f}M parameters from {model_dir} as {dtype}")
+    held = f", projections {quantize.describe()}" if quantize.active else ""
+    log(f"loaded {config.num_params() / 1e6:.1f}M parameters from {model_dir} as {dtype}{held}")
   return config, graphdef, params
 
 

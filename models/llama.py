@@ -19,6 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from models import lora as lora_lib
+from models import quant
 from models.config import LlamaConfig, rope_inverse_frequencies
 
 _cp = jax.checkpoint_policies
@@ -84,11 +85,17 @@ class Llama(nnx.Module):
     attention_mask = attention_mask.astype(jnp.bool_)
     if positions is None:
       positions = default_positions(attention_mask, cache)
-    h = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)
+    embed = self.embed.get_value()
+    if isinstance(embed, quant.QuantizedWeight):  # a GGUF base's quantized rows (keep)
+      h = quant.take_rows(embed, tokens, cfg.jnp_dtype)
+    else:
+      h = jnp.take(embed, tokens, axis=0).astype(cfg.jnp_dtype)
 
     masks, new_valid = _attention_masks(attention_mask, cache, T, fresh_cache)
     cos, sin = _rope_tables(cfg, positions)
-    stacked = {name: getattr(self.layers, name)[...] for name in LAYER_WEIGHTS}
+    # A quantized projection is a QuantizedWeight whose arrays the scan slices per layer
+    # like a float weight's: each layer dequantizes only its own (see `_project`).
+    stacked = {name: getattr(self.layers, name).get_value() for name in LAYER_WEIGHTS}
     lora_views = tuple(lora_lib.per_layer_view(a, cfg.num_layers)
                        for a in lora_lib.as_adapter_list(adapters))
     lora_meta = tuple(a.spec for a in lora_lib.as_adapter_list(adapters))
@@ -136,7 +143,10 @@ class Llama(nnx.Module):
   def logits(self, hidden):
     """float32 logits of final-norm hidden states [..., D] (e.g. only a row's last token)."""
     cfg = self.config
-    head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+    head = (self.embed if cfg.tie_word_embeddings else self.lm_head).get_value()
+    if isinstance(head, quant.QuantizedWeight):  # [V, D] as a GGUF file stores it (keep)
+      return quant.matmul(hidden.astype(cfg.jnp_dtype), head, cfg.jnp_dtype, jnp.float32)
+    head = head.T if cfg.tie_word_embeddings else head
     return jnp.einsum("...d,dv->...v", hidden, head.astype(cfg.jnp_dtype),
                       preferred_element_type=jnp.float32)
 
@@ -217,7 +227,10 @@ lora_up.defvjp(_lora_up_fwd, _lora_up_bwd)
 
 
 def _project(x, w, target, lora_views, lora_meta, layer_idx, dropout_rng, dtype):
-  y = jnp.einsum("btd,df->btf", x, w.astype(dtype))
+  if isinstance(w, quant.QuantizedWeight):  # this layer's packed [out, in] weight
+    y = quant.matmul(x, w, dtype)
+  else:
+    y = jnp.einsum("btd,df->btf", x, w.astype(dtype))
   for k, ((params, scale), spec) in enumerate(zip(lora_views, lora_meta)):
     if target not in params:
       continue

@@ -1,0 +1,155 @@
+"""A whole base's projections quantized (or kept as GGUF stored them), and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.errors import QuantizationError
+from models.quant import _blocks
+from models.quant._weight import QuantizedWeight, dense
+
+MODES = ("none", "nf4", "int8", "keep")
+# The seven projections of every layer; embeddings, the head and the norms stay float
+# (as peft + bitsandbytes leave them), except what a GGUF base stores quantized under keep.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How the frozen base is held in memory.
+
+  mode: none (float, config.model.dtype), nf4 (QLoRA's NormalFloat-4), int8 (blockwise
+    absmax), keep (a GGUF base's Q4_0/Q4_1/Q8_0 blocks as stored).
+  block_size: weights per scale for nf4 and int8 (QLoRA: 64); GGUF blocks are always 32.
+  double_quant: nf4 only: the scales in float8 with a float32 scale per 256 (QLoRA's
+    double quantization: 0.127 instead of 0.5 bits per weight for the scales).
+  """
+  mode: str = "none"
+  block_size: int = 64
+  double_quant: bool = False
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise QuantizationError(f"quantize={self.mode!r}: expected one of {', '.join(MODES)}")
+    if self.block_size < 2 or self.block_size % 2:
+      raise QuantizationError(f"quant_block_size={self.block_size}: must be an even number "
+                              "of at least 2 (QLoRA uses 64)")
+    if self.double_quant and self.mode != "nf4":
+      raise QuantizationError(f"quant_double_quant applies to quantize=nf4, not "
+                              f"quantize={self.mode!r}")
+
+  @classmethod
+  def from_settings(cls, settings: Mapping | None) -> "QuantConfig":
+    """From a config section with quantize / quant_block_size / quant_double_quant fields
+    (config.model); missing fields take the defaults."""
+    settings = settings or {}
+    get = lambda k, d: settings[k] if k in settings else d
+    return cls(mode=get("quantize", "none"), block_size=int(get("quant_block_size", 64)),
+               double_quant=bool(get("quant_double_quant", False)))
+
+  @property
+  def active(self) -> bool:
+    return self.mode != "none"
+
+  def describe(self) -> str:
+    if self.mode in ("none", "keep"):
+      return self.mode
+    return f"{self.mode} (block {self.block_size}{', double quantized' if self.double_quant else ''})"
+
+
+def quantize_matrix(w, qc: QuantConfig, name: str = "weight") -> QuantizedWeight:
+  """A float weight in our [.., in, out] layout as a QuantizedWeight ([.., out, in])."""
+  if qc.mode not in ("nf4", "int8"):
+    raise QuantizationError(f"{name}: quantize={qc.mode!r} does not quantize float weights "
+                            "(keep reads a GGUF file's own blocks)")
+  fan_in = w.shape[-2]
+  if fan_in % qc.block_size:
+    raise QuantizationError(f"{name}: {fan_in} input features are not a multiple of "
+                            f"quant_block_size={qc.block_size}; choose a block size that "
+                            "divides every projection's input size")
+  return _quantize_jit(jnp.asarray(w), qc)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_jit(w, qc: QuantConfig) -> QuantizedWeight:
+  torch_layout = jnp.swapaxes(w, -1, -2)
+  if qc.mode == "int8":
+    codes, scales = _blocks.quantize_int8(torch_layout, qc.block_size)
+    return QuantizedWeight(codes, scales, format="int8", block=qc.block_size)
+  codes, scales = _blocks.quantize_nf4(torch_layout, qc.block_size)
+  if not qc.double_quant:
+    return QuantizedWeight(codes, scales, format="nf4", block=qc.block_size)
+  q, second, mean = _blocks.quantize_scales(scales)
+  return QuantizedWeight(codes, q, scale_scales=second, scale_mean=mean, format="nf4",
+                         block=qc.block_size)
+
+
+def quantize_layers(stacked: Mapping[str, object], qc: QuantConfig) -> dict:
+  """Stacked layer weights {leaf: [L, ...]} (host or device) -> device arrays, with the
+  projections quantized one leaf at a time (at most one float leaf on the device)."""
+  out = {}
+  for leaf, array in stacked.items():
+    if qc.mode in ("nf4", "int8") and leaf in PROJECTIONS and not isinstance(
+        array, QuantizedWeight):
+      out[leaf] = quantize_matrix(array, qc, f"layers.{leaf}")
+    else:
+      out[leaf] = array if isinstance(array, QuantizedWeight) else jnp.asarray(array)
+  return out
+
+
+def quantize_base(params: dict, qc: QuantConfig) -> dict:
+  """A float base's params with its projections quantized (mode none: unchanged)."""
+  if not qc.active:
+    return params
+  if qc.mode == "keep":
+    raise QuantizationError("quantize='keep' holds a GGUF base's blocks as the file stores "
+                            "them; this base was not loaded from a GGUF file")
+  return {**params, "layers": quantize_layers(params["layers"], qc)}
+
+
+def is_quantized(params: dict) -> bool:
+  return any(isinstance(x, QuantizedWeight) for x in
+             jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+
+
+def formats(params: dict) -> dict[str, str]:
+  """{param path: format} of the quantized weights in a base."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(
+      params, is_leaf=lambda x: isinstance(x, QuantizedWeight)):
+    if isinstance(x, QuantizedWeight):
+      out[jax.tree_util.keystr(path, simple=True, separator=".")] = x.format
+  return out
+
+
+def dequantize_base(params: dict, dtype=jnp.float32) -> dict:
+  """The float base the model computes with: every QuantizedWeight as a dense matrix in our
+  layout (embedding [V, D]; head and projections [.., in, out]), in `dtype`."""
+
+  def go(key, x):
+    if not isinstance(x, QuantizedWeight):
+      return x
+    w = dense(x, dtype)  # [.., out, in]; an embedding's rows are its "out" axis
+    return w if key == "embed" else jnp.swapaxes(w, -1, -2)
+
+  out = {k: go(k, v) for k, v in params.items() if k != "layers"}
+  out["layers"] = {k: go(k, v) for k, v in params["layers"].items()}
+  return out
+
+
+def from_gguf(parts: Mapping[str, np.ndarray], type_name: str) -> QuantizedWeight:
+  """Stacked `_blocks.split_gguf_rows` arrays of one weight -> a QuantizedWeight on device."""
+  fmt, _ = _blocks.GGUF_LAYOUTS[type_name]
+  arrays = {k: jnp.asarray(v) for k, v in parts.items()}
+  return QuantizedWeight(format=fmt, block=_blocks.GGUF_BLOCK, **arrays)
+
+
+def base_bytes(params: dict) -> int:
+  """Bytes of every array of a base, packed codes and scales included."""
+  return int(sum(x.nbytes for x in jax.tree.leaves(params)))
