@@ -38,7 +38,10 @@ def get_config(shape: str = "small") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.shape = shape
   c.model = ml_collections.ConfigDict(dict(
-      **{"tie_word_embeddings": False, **MODELS[shape]}, remat="none", attention_impl=""))
+      **{"tie_word_embeddings": False, **MODELS[shape]}, remat="none", attention_impl="",
+      # The JAX side's frozen base (models/quant): none, nf4, int8, or keep (needs
+      # config.checkpoint to be a .gguf file or a named base). The torch side stays float.
+      quantize="none", quant_block_size=64, quant_double_quant=False))
   # Base weights and compute. Adapters and optimizer state are always float32.
   c.dtype = "float32" if cpu_sized else "bfloat16"
   # The paper's adapter: r=16, alpha=64 on all seven projections.

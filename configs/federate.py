@@ -64,6 +64,12 @@ def tiny_config() -> ml_collections.ConfigDict:
       dtype="float32",         # base weights and compute: float32 or bfloat16
       hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
       remat="none", attention_impl="",
+      # Frozen base in memory (models/quant): none (float, as dtype); nf4 (QLoRA's 4-bit
+      # NormalFloat, bitsandbytes-exact); int8 (blockwise absmax); keep (a .gguf base's
+      # Q4_0/Q4_1/Q8_0 blocks as stored). Projections only; compute stays in dtype.
+      quantize="none",
+      quant_block_size=64,        # weights per scale for nf4 / int8 (QLoRA: 64)
+      quant_double_quant=False,   # nf4: scales in float8 (QLoRA's double quantization)
   ))
   c.lora = ml_collections.ConfigDict(dict(
       rank=8, alpha=32.0, targets="q,k,v,o,gate,up,down", layers=(),  # () = every layer

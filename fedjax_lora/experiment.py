@@ -26,7 +26,7 @@ from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_confi
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.security.config import SecurityConfig
 from fedjax_lora.simulator import Federation, RunConfig, SiteData
-from models import checkpoints, hf_checkpoint, llama
+from models import checkpoints, hf_checkpoint, llama, quant
 from models.config import LlamaConfig
 from models.lora import LoraSpec
 
@@ -152,11 +152,30 @@ def check_config(config) -> None:
     raise ConfigError(f"config.lora.site_ranks has {len(ranks)} entries for {n_sites} sites")
   _check_privacy(config, config.algorithm)
   _check_security(config, config.algorithm, site_names)
+  qc = quant_config(config)
+  if qc.active and alg.merge_base:
+    raise ConfigError(f"config.model.quantize={qc.mode!r}: {config.algorithm} adds every "
+                      "round's update into the base weights, which a quantized base cannot "
+                      "hold; use quantize='none' (or another algorithm)")
+  if qc.mode == "keep" and not config.model.path:
+    raise ConfigError("config.model.quantize='keep' holds a GGUF base's blocks as stored; "
+                      "config.model.path is empty (a random tiny model): give a .gguf file "
+                      "or a named base, or use nf4 / int8")
+
+
+def quant_config(config) -> quant.QuantConfig:
+  """config.model's quantize, quant_block_size and quant_double_quant, checked."""
+  try:
+    return quant.QuantConfig.from_settings(config.model)
+  except ValueError as e:
+    raise ConfigError(f"config.model.{e}") from None
 
 
 def base_path(config, log=print) -> Path | None:
   """config.model.path resolved (a named base is fetched on first use); None = tiny model."""
-  return checkpoints.resolve(config.model.path, log) if config.model.path else None
+  if not config.model.path:
+    return None
+  return checkpoints.resolve(config.model.path, log, gguf=quant_config(config).reads_gguf)
 
 
 def base_tokenizer(config, path: Path | None):
@@ -207,7 +226,8 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
     cfg = checkpoints.load_config(path, param_dtype=dtype, dtype=dtype, remat=m.remat,
                                   attention_impl=m.attention_impl or None)
     check_tokenizer(config, path, cfg, tokenizer)
-    cfg, graphdef, base = checkpoints.load_params(path, cfg, log=log)
+    cfg, graphdef, base = checkpoints.load_params(path, cfg, log=log,
+                                                  quantize=quant_config(config))
     if workdir is not None and path.is_dir():  # the exported adapter's base_model_name_or_path
       link = workdir / "base_model"
       if not link.exists():
@@ -218,8 +238,10 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   if workdir is not None:  # keep the base so the exported adapter has something to load onto
     out = hf_checkpoint.save_params(workdir / "base_model", cfg, base)
     tokenizer.save_pretrained(str(out))
+  qc = quant_config(config)
+  base = quant.quantize_base(base, qc)
   log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, "
-      f"vocab {cfg.vocab_size}")
+      f"vocab {cfg.vocab_size}" + (f", projections {qc.describe()}" if qc.active else ""))
   return cfg, graphdef, base
 
 

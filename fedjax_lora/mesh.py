@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from models import quant
+
 
 def make_mesh(clients: int = 0, fsdp: int = 1, num_clients: int | None = None) -> Mesh:
   """A ("clients", "fsdp") mesh; clients=0 picks the most devices that divide num_clients."""
@@ -43,13 +45,25 @@ def client_placer(mesh: Mesh):
 
 
 def shard_base(base: dict, mesh: Mesh) -> dict:
-  """Base weights split over `fsdp` on their last axis where it divides, else replicated."""
+  """Base weights split over `fsdp` where the axis divides, else replicated: a float
+  kernel [.., in, out] on its last axis (out); a quantized weight's codes and scales
+  [.., out, in / ...] on their rows (out again), so each device dequantizes its own rows."""
   size = mesh.shape["fsdp"]
 
-  def put(x):
-    if size > 1 and x.ndim >= 2 and x.shape[-1] % size == 0:
-      spec = P(*([None] * (x.ndim - 1) + ["fsdp"]))
+  def put(x, axis=-1):
+    if axis is not None and size > 1 and x.ndim >= 2 and x.shape[axis] % size == 0:
+      spec = [None] * x.ndim
+      spec[axis] = "fsdp"
+      spec = P(*spec)
     else:
       spec = P()
     return jax.device_put(x, NamedSharding(mesh, spec))
-  return jax.tree.map(put, base)
+
+  def place(x):
+    if isinstance(x, quant.QuantizedWeight):  # double quantization's second level: replicated
+      rows = {k: put(getattr(x, k), axis=-2) for k in ("codes", "scales", "offsets")
+              if getattr(x, k) is not None}
+      return x.replace(**rows, **{k: put(getattr(x, k), axis=None) for k in
+                                  ("scale_scales", "scale_mean") if getattr(x, k) is not None})
+    return put(x)
+  return jax.tree.map(place, base, is_leaf=lambda x: isinstance(x, quant.QuantizedWeight))

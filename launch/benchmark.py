@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from fedjax_lora import client_modes
 from launch import errors
+from models import quant
 
 REPO = Path(__file__).resolve().parent.parent
 _CONFIG = config_flags.DEFINE_config_file(
@@ -287,6 +288,13 @@ def main(argv):
     raise app.UsageError(f"--config.tasks: unknown {unknown}; expected some of {TASKS}")
   if "jax" not in c.frameworks:
     raise app.UsageError("--config.frameworks must include jax (the ratios are against it)")
+  try:
+    qc = quant.QuantConfig.from_settings(c.model)
+  except ValueError as e:
+    raise app.UsageError(f"--config.model.{e}") from None
+  if qc.reads_gguf and not c.get("checkpoint"):
+    raise app.UsageError("--config.model.quantize=keep holds a GGUF base's blocks: set "
+                         "--config.checkpoint to a .gguf file or a named base")
   workdir = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="fedjax_bench_"))
   workdir.mkdir(parents=True, exist_ok=True)
   doc = orchestrate(c, workdir, Path(_OUT.value), _NAME.value)

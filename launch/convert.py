@@ -5,7 +5,11 @@ r"""Converts between GGUF files (llama.cpp, Ollama, LM Studio) and Hugging Face 
 
   # HF directory or GGUF (+ a PEFT LoRA adapter merged in) -> GGUF
   python -m launch.convert --to=gguf --base=DIR_OR_GGUF [--adapter=PEFT_DIR] \
-      --out=merged.gguf [--type=f16] [--pre=NAME]
+      --out=merged.gguf [--type=f16] [--pre=NAME] [--quantize=nf4]
+
+--quantize names the base an adapter was trained on (QLoRA): the base is held that way and
+dequantized to float32 before merging, as peft's merge_and_unload does, so the merged
+weights are what the adapter saw plus its update.
 
 A GGUF read here is dequantized to float32 first, so converting a quantized file to HF
 keeps its quantization error; writing q8_0/q4_* quantizes again from those values.
@@ -13,7 +17,7 @@ keeps its quantization error; writing q8_0/q4_* quantizes again from those value
 
 from absl import app, flags
 
-from launch import errors
+from launch import errors, quant_flags
 from models import bases, checkpoints, gguf_export
 
 _TO = flags.DEFINE_enum("to", None, ["hf", "gguf"],
@@ -49,6 +53,9 @@ def main(argv):
   stray = sorted(k for k, v in used.items() if v is not None and k not in allowed)
   if stray:
     raise app.UsageError(f"--{stray[0]} does not apply to --to={_TO.value}")
+  if _TO.value == "hf" and quant_flags.QUANTIZE.value != "none":
+    raise app.UsageError("--quantize applies to --to=gguf (merging an adapter trained on a "
+                         "quantized base), not --to=hf")
   if _TO.value == "hf":
     if not _SRC.value:
       raise app.UsageError("--to=hf needs --src=FILE.gguf")
@@ -60,7 +67,7 @@ def main(argv):
     base = (bases.gguf_path(base) if bases.is_named(base)
             else checkpoints.resolve(base, log=print))
     print(gguf_export.merged_to_gguf(base, _OUT.value, _ADAPTER.value, _TYPE.value,
-                                     _PRE.value, log=print))
+                                     _PRE.value, log=print, quantize=quant_flags.config()))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ from absl import app
 
 from fedjax_lora.errors import (ConfigError, DataError, DeployError, IdentityError,
                                 LedgerError, ResumeError, SecAggError, WireError)
-from models.errors import AdapterError, CheckpointError, ModelConfigError, TokenizerError
+from models.errors import (AdapterError, CheckpointError, ModelConfigError,
+                           QuantizationError, TokenizerError)
 
 INPUT_ERRORS = (CheckpointError, AdapterError, TokenizerError, ModelConfigError, DataError,
                 ConfigError, IdentityError, LedgerError, SecAggError, ResumeError, DeployError,
-                WireError)
+                WireError, QuantizationError)
 
 
 def run(main):

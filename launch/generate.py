@@ -5,7 +5,9 @@ r"""Greedy (or sampled) completion from a LLaMA checkpoint, optionally with a PE
   python -m launch.generate --model=smollm2-135m-instruct --chat --prompt="What is ...?"
 
 --model takes an HF checkpoint directory, a .gguf file or a named base (models/bases.py,
-fetched into the cache on first use).
+fetched into the cache on first use). --quantize=nf4|int8|keep holds the base quantized
+(models/quant): `--model=smollm2-135m-instruct --quantize=keep` decodes on the file's own
+Q4_1 blocks.
 Prompts are batched, left-padded to a power-of-two bucket and decoded with a jitted
 KV-cache loop; completions go to stdout, one block per prompt.
 """
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from launch import errors
+from launch import errors, quant_flags
 from fedjax_lora.data import templates
 from models import checkpoints, generation, peft_io
 from models.tokenizer import TokenizerError
@@ -44,9 +46,11 @@ def main(argv):
     raise app.UsageError("--max_new_tokens must be >= 1")
   if _TEMPERATURE.value < 0:
     raise app.UsageError("--temperature must be >= 0")
-  model_path = checkpoints.resolve(_MODEL.value, log=logging.info)
+  qc = quant_flags.config()
+  model_path = checkpoints.resolve(_MODEL.value, log=logging.info, gguf=qc.reads_gguf)
   config = checkpoints.load_config(model_path, param_dtype=_DTYPE.value, dtype=_DTYPE.value)
-  config, graphdef, params = checkpoints.load_params(model_path, config, log=logging.info)
+  config, graphdef, params = checkpoints.load_params(model_path, config, log=logging.info,
+                                                     quantize=qc)
   tokenizer = checkpoints.load_tokenizer(model_path)
   adapters = ()
   if _ADAPTER.value:

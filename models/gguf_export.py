@@ -357,35 +357,41 @@ def gguf_to_hf_dir(src: str | os.PathLike, out: str | os.PathLike, dtype: str = 
   return out
 
 
-def load_base(path: Path, log: Callable[[str], None] | None = None):
+def load_base(path: Path, log: Callable[[str], None] | None = None, quantize=None):
   """(config, params, tokenizer, pre, name) from a local HF directory or GGUF file (see
   `checkpoints.resolve`; for a named base pass its cached GGUF, `bases.gguf_path`, so
-  llama.cpp's pre-tokenizer name carries over)."""
+  llama.cpp's pre-tokenizer name carries over). `quantize` (models.quant.QuantConfig):
+  the base as a quantized run held it."""
   from models import hf_checkpoint
   from models.tokenizer import load_tokenizer
 
   path = Path(path)
   if path.is_file():
-    config, _, params = gguf_checkpoint.load_params(path, log=log)
+    config, _, params = gguf_checkpoint.load_params(path, log=log, quantize=quantize)
     meta = gguf_checkpoint.metadata(gguf_checkpoint.open_reader(path))
     return (config, params, gguf_checkpoint.load_tokenizer(path),
             meta.get("tokenizer.ggml.pre"), meta.get("general.name") or path.stem)
-  config, _, params = hf_checkpoint.load_params(path, log=log)
+  config, _, params = hf_checkpoint.load_params(path, log=log, quantize=quantize)
   return config, params, load_tokenizer(path), None, path.name
 
 
 def merged_to_gguf(base: str | os.PathLike, out: str | os.PathLike,
                    adapter: str | os.PathLike | None = None, tensor_type: str = "f16",
-                   pre: str | None = None, log: Callable[[str], None] | None = None) -> Path:
-  """Base (local HF dir or GGUF) plus an optional PEFT adapter merged in -> one GGUF file."""
+                   pre: str | None = None, log: Callable[[str], None] | None = None,
+                   quantize=None) -> Path:
+  """Base (local HF dir or GGUF) plus an optional PEFT adapter merged in -> one GGUF file.
+
+  quantize: the models.quant.QuantConfig the adapter was trained with; the base is held
+  that way and dequantized before merging (what the adapter saw, plus its update).
+  """
   from models import lora, peft_io
 
   say = log or (lambda _: None)
   t0 = time.perf_counter()
-  config, params, tokenizer, source_pre, name = load_base(base, log)
+  config, params, tokenizer, source_pre, name = load_base(base, log, quantize)
   if adapter is not None:
     lora_adapter = peft_io.import_adapter(adapter, config)
-    params = lora.merge_into_base(params, lora_adapter)
+    params = lora.merge_into_base(params, lora_adapter, log=say)
     spec = lora_adapter.spec
     say(f"merged {adapter}: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}), "
         f"targets {','.join(spec.targets)}, layers "

@@ -150,8 +150,21 @@ def per_layer_view(adapter: LoraAdapter, num_layers: int):
   return jax.tree.map(lambda x: jnp.take(x, gather, axis=0), adapter.params), scale
 
 
-def merge_into_base(base_params: dict, adapter: LoraAdapter) -> dict:
-  """W' = W + s * A B for every adapted projection; returns new base params (pure dict)."""
+def merge_into_base(base_params: dict, adapter: LoraAdapter, log=None) -> dict:
+  """W' = W + s * A B for every adapted projection; returns new base params (pure dict).
+
+  A quantized base (models.quant) is dequantized to float32 first, as peft's
+  merge_and_unload does with a 4-bit base: the merged weights are the values the adapter
+  was trained against plus its update, and the result is a float model (`log` says so).
+  """
+  from models import quant
+
+  if quant.is_quantized(base_params):
+    if log:
+      held = ", ".join(sorted(f"{k} {v}" for k, v in quant.formats(base_params).items()))
+      log(f"merging into a quantized base: its weights ({held}) are dequantized to float32 "
+          "first (as peft's merge_and_unload does); the merged model is float")
+    base_params = quant.dequantize_base(base_params)
   layers_dict = dict(base_params["layers"])
   spec = adapter.spec
   num_layers = next(iter(layers_dict.values())).shape[0]

@@ -15,7 +15,7 @@ from fedjax_lora.bench import memory, workload
 from fedjax_lora.bench.timing import first_and_repeats, prefill_and_decode
 from fedjax_lora.client import ClientConfig, client_update
 from fedjax_lora.rounds import RoundSpec, compile_round
-from models import generation, hf_checkpoint, lora as lora_lib
+from models import checkpoints, generation, hf_checkpoint, lora as lora_lib, quant
 
 
 # A (mode, K) whose estimated activations exceed this fraction of the free memory is
@@ -47,7 +47,13 @@ def _memory(before_mb: float) -> dict:
 
 def _load(c, workdir):
   cfg = workload.model_config(c)
-  cfg, graphdef, base = hf_checkpoint.load_params(workload.checkpoint_dir(workdir), cfg)
+  qc = quant.QuantConfig.from_settings(c.model)
+  if qc.reads_gguf:  # the GGUF's own blocks; the shared HF copy holds their float values
+    cfg, graphdef, base = checkpoints.load_params(
+        checkpoints.resolve(c.checkpoint, gguf=True), cfg, quantize=qc)
+  else:
+    cfg, graphdef, base = hf_checkpoint.load_params(workload.checkpoint_dir(workdir), cfg,
+                                                    quantize=qc)
   spec = workload.lora_spec(c)
   adapter = lora_lib.init_adapter(cfg, spec, jax.random.key(c.seed)).params
   return cfg, graphdef, base, spec, adapter

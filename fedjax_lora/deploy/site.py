@@ -44,7 +44,7 @@ from fedjax_lora.deploy import protocol, records, secagg_wire, wire
 from fedjax_lora.errors import DeployError, WireError
 from fedjax_lora.rounds import RoundSpec, initial_site_state, site_accept, site_update
 from fedjax_lora.security import identity, site_side
-from models import checkpoints
+from models import checkpoints, quant
 
 SITE_FILE = "site.json"
 
@@ -86,12 +86,12 @@ def write_site_dir(site_dir: Path, site: str, base: str, train, dev=None) -> Pat
 
 
 @functools.lru_cache(maxsize=2)
-def _base(path: str, dtype: str, remat: str, attention_impl: str):
+def _base(path: str, dtype: str, remat: str, attention_impl: str, qc: quant.QuantConfig):
   """(config, graphdef, params, tokenizer) of an installed base, kept across runs."""
-  resolved = checkpoints.resolve(path)
+  resolved = checkpoints.resolve(path, gguf=qc.reads_gguf)
   cfg = checkpoints.load_config(resolved, param_dtype=dtype, dtype=dtype, remat=remat,
                                 attention_impl=attention_impl or None)
-  cfg, graphdef, base = checkpoints.load_params(resolved, cfg)
+  cfg, graphdef, base = checkpoints.load_params(resolved, cfg, quantize=qc)
   return cfg, graphdef, base, checkpoints.load_tokenizer(resolved)
 
 
@@ -107,7 +107,7 @@ class _Run:
     self.nonce, self.config = nonce, config
     m = config.model
     self.model_cfg, self.graphdef, self.base, tokenizer = _base(
-        settings.base, m.dtype, m.remat, m.attention_impl)
+        settings.base, m.dtype, m.remat, m.attention_impl, experiment.quant_config(config))
     t1 = time.perf_counter()
     d = config.data
     renderer = templates.make_renderer(tokenizer, d.get("prompt_format", "paper"))

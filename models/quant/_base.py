@@ -57,6 +57,11 @@ class QuantConfig:
   def active(self) -> bool:
     return self.mode != "none"
 
+  @property
+  def reads_gguf(self) -> bool:
+    """keep reads a named base's GGUF file itself (its blocks), not its HF conversion."""
+    return self.mode == "keep"
+
   def describe(self) -> str:
     if self.mode in ("none", "keep"):
       return self.mode
