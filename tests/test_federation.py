@@ -20,6 +20,7 @@ from fedjax_lora.algorithms import ALGORITHMS
 from fedjax_lora.client import client_update
 from fedjax_lora.data import prepare
 from fedjax_lora.errors import ConfigError
+from models import quant
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = lambda s: None
@@ -157,10 +158,12 @@ def test_masked_steps_leave_a_client_where_it_ends_alone(data):
 @pytest.mark.parametrize("algorithm,extra", [  # server state and per-site state both resume
     ("scaffold", {"run.availability": 0.6, "run.clients_per_round": 2}),
     ("dual_lora", {"run.availability": 0.6, "keep_optimizer_state": True}),
+    ("fedavg", {"model.quantize": "nf4", "model.quant_block_size": 16}),  # QLoRA base
 ])
 def test_resume_reaches_the_uninterrupted_state(data, tmp_path, algorithm, extra):
   kw = {"algorithm": algorithm, "run.rounds": 4, **extra}
   full = build(data, workdir=tmp_path / "full", **kw)
+  assert quant.is_quantized(full.base) == ("model.quantize" in extra)
   full.run_rounds()
   part = build(data, workdir=tmp_path / "part", **kw)
   part.run_rounds(until=2)

@@ -83,6 +83,22 @@ def test_logits_and_greedy_completion_match_transformers_on_the_same_gguf(ours):
   assert "Paris" in tok.decode(hf_new)
 
 
+def test_gguf_keep_holds_the_q4_1_blocks_and_gives_the_dequantized_on_load_logits(ours):
+  from models import quant
+  config, graphdef, params, tok = ours  # the HF conversion: the GGUF dequantized on load
+  _, graphdef_kept, kept = checkpoints.load_params(
+      checkpoints.resolve(NAME, gguf=True), config, quantize=quant.QuantConfig("keep"))
+  assert set(quant.formats(kept).values()) == {"q4_1", "q8_0"}  # projections, embedding
+  # 96.6 MB resident against 538 MB in float32 (the file itself: 98.4 MB with metadata)
+  assert quant.base_bytes(kept) < bases.BASES[NAME].size < quant.base_bytes(params) / 5
+  ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+  tokens = jnp.asarray([tok(ids, add_special_tokens=False)["input_ids"]])
+  run = lambda g, p: jax.jit(lambda p: llama.forward(g, p, (), tokens)[0])(p)
+  want, got = run(graphdef, params), run(graphdef_kept, kept)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-3, rtol=1e-4)
+  assert (np.asarray(got[0, -1]).argmax() == np.asarray(want[0, -1]).argmax())
+
+
 def test_chat_loss_mask_covers_exactly_the_assistant_answer(ours):
   from fedjax_lora.data import arrays as arrays_lib, encoding
   from fedjax_lora.data.tasks import Example
