@@ -164,6 +164,14 @@ def test_quantized_model_logits_and_adapter_grads_equal_the_float_model_of_its_v
   assert np.abs(np.asarray(original[1]) - np.asarray(got[1])).max() > 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bytes_by_arithmetic_from_the_shapes_equal_the_bytes_held(dtype):
+  graphdef, base = llama.init_model(CONFIG.replace(param_dtype=dtype))
+  for qc in [quant.QuantConfig(), *MODES.values()]:
+    assert quant.base_bytes(quant.quantize_base(base, qc)) == quant.estimate_bytes(
+        CONFIG, qc, dtype), qc
+
+
 def test_vmapped_clients_over_one_quantized_base_equal_per_client_calls():
   graphdef, base = _random_base()
   packed = quant.quantize_base(base, MODES["nf4"])

@@ -91,6 +91,8 @@ def test_gguf_keep_holds_the_q4_1_blocks_and_gives_the_dequantized_on_load_logit
   assert set(quant.formats(kept).values()) == {"q4_1", "q8_0"}  # projections, embedding
   # 96.6 MB resident against 538 MB in float32 (the file itself: 98.4 MB with metadata)
   assert quant.base_bytes(kept) < bases.BASES[NAME].size < quant.base_bytes(params) / 5
+  assert quant.base_bytes(kept) == quant.estimate_bytes(
+      config, quant.QuantConfig("keep"), "float32", {"projections": "Q4_1", "embed": "Q8_0"})
   ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
   tokens = jnp.asarray([tok(ids, add_special_tokens=False)["input_ids"]])
   run = lambda g, p: jax.jit(lambda p: llama.forward(g, p, (), tokens)[0])(p)

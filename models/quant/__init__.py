@@ -10,10 +10,11 @@ from models.quant._base import (MODES, PROJECTIONS, QuantConfig, base_bytes,
                                  dequantize_base, formats, from_gguf, is_quantized,
                                  quantize_base, quantize_layers, quantize_matrix)
 from models.quant._blocks import FORMATS, GGUF_LAYOUTS, split_gguf_rows
+from models.quant._sizes import estimate_bytes
 from models.quant._codebook import NF4
 from models.quant._weight import QuantizedWeight, dense, matmul, take_rows
 
 __all__ = ["FORMATS", "GGUF_LAYOUTS", "MODES", "NF4", "PROJECTIONS", "QuantConfig",
-           "QuantizedWeight", "base_bytes", "dense", "dequantize_base", "formats",
+           "QuantizedWeight", "base_bytes", "dense", "dequantize_base", "estimate_bytes", "formats",
            "from_gguf", "is_quantized", "matmul", "quantize_base", "quantize_layers",
            "quantize_matrix", "split_gguf_rows", "take_rows"]
