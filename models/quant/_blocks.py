@@ -46,8 +46,9 @@ def quantize_nf4(w, block: int):
   absmax = _absmax(blocks)
   # An all-zero block keeps absmax 0 (its codes decode to 0 whatever they are).
   normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None]
-  codes = jnp.searchsorted(jnp.asarray(NF4_MIDPOINTS), normed, side="left",
-                           method="scan_unrolled").astype(jnp.uint8)
+  # The code's index is the number of midpoints strictly below the value: 15 compares,
+  # fused into one pass (a searchsorted's gathers were constant-folded for seconds).
+  codes = sum((normed > m).astype(jnp.uint8) for m in NF4_MIDPOINTS.tolist())
   return pack_pairs(codes.reshape(w.shape)), absmax
 
 
