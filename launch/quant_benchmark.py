@@ -21,6 +21,7 @@ nf4 and int8 quantize it a second time.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -216,7 +217,9 @@ def write(doc: dict, out_dir: Path, name: str) -> None:
 def table(doc: dict) -> str:
   lines = [f"# Quantized base: {doc['base']} ({doc['device']})", "",
            f"Command: `{doc['command']}`", "",
-           "## Resident base bytes (MB; SmolLM2 measured, the others by arithmetic)", "",
+           "## Resident base bytes, MB (by arithmetic from the shapes; the SmolLM2 row equals "
+           "the bytes measured below; gguf_keep: Q4_1 projections and Q8_0 embeddings, as in "
+           "the SmolLM2 file)", "",
            "| shape | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
   for shape, row in doc["arithmetic"].items():
     lines.append(f"| {shape} | " + " | ".join(f"{row['bytes'][m] / 1e6:,.1f}" for m in MODES)
@@ -258,7 +261,7 @@ def main(argv):
   out_dir, name = Path(_OUT.value), _NAME.value
   log = lambda s: print(s, flush=True)
   doc = {"base": _BASE.value, "device": f"{jax.devices()[0].device_kind} x "
-                                         f"{len(jax.devices())}",
+                                         f"{len(jax.devices())}, {os.cpu_count()} cores",
          "command": "python -m launch.quant_benchmark " + " ".join(sys.argv[1:]),
          "batch_size": _BATCH.value, "seq_len": _SEQ.value, "steps": _STEPS.value,
          "clients": _CLIENTS.value, "arithmetic": arithmetic(), "modes": {}}

@@ -281,10 +281,13 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
   params["layers"] = quant.quantize_layers(stacked, quantize)
   if log:
     types = sorted({t.tensor_type.name for t in reader.tensors})
-    held = (f"{len(kept) + sum(k in params and isinstance(params[k], quant.QuantizedWeight) for k in ('embed', 'lm_head'))} "
-            f"weights kept as stored, the rest dequantized to {dtype}" if keep else
-            f"dequantized to {dtype}" + (f", projections quantized to {quantize.describe()}"
-                                         if quantize.active else ""))
+    formats = quant.formats(params)
+    if keep:
+      held = (f"{len(formats)} weights kept as stored ({', '.join(sorted(set(formats.values())))}), "
+              f"the rest dequantized to {dtype}")
+    else:
+      held = f"dequantized to {dtype}" + (
+          f", projections quantized to {quantize.describe()}" if quantize.active else "")
     log(f"loaded {config.num_params() / 1e6:.1f}M parameters from {source} "
         f"(GGUF {'/'.join(types)}, {held})")
   return config, graphdef, params

@@ -307,3 +307,45 @@ def test_merging_into_a_quantized_base_dequantizes_it_first_and_says_so():
   assert "dequantized to float32 first" in said[0] and "layers.q_proj nf4" in said[0]
   assert not quant.is_quantized(merged)
   _assert_close(merged, lora.merge_into_base(quant.dequantize_base(packed), adapter), atol=0)
+
+
+def test_quant_benchmark_writes_every_mode_it_measures(mixed_gguf, tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+
+  done = subprocess.run(
+      [sys.executable, "-m", "launch.quant_benchmark", f"--base={mixed_gguf}",
+       f"--out={tmp_path}", "--name=q", "--modes=bfloat16,nf4,gguf_keep", "--loss_steps=0",
+       "--batch_size=1", "--seq_len=16", "--steps=1", "--repeats=1", "--clients=2"],
+      capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode == 0, done.stderr[-2000:]
+  doc = json.loads((tmp_path / "q.json").read_text())
+  assert list(doc["modes"]) == ["bfloat16", "nf4", "gguf_keep"]
+  bytes_ = {m: r["base_bytes"] for m, r in doc["modes"].items()}
+  assert bytes_["gguf_keep"] < bytes_["nf4"] < bytes_["bfloat16"]
+  for r in doc["modes"].values():
+    assert r["train"]["tokens_per_s"] > 0 and r["memory_vmap_K2"]["peak_mb"] > 0
+  assert "| nf4 |" in (tmp_path / "q.md").read_text()
+  assert set(doc["arithmetic"]) == {"smollm2_135m", "llama3_2_1b", "llama3_8b"}
+
+
+def test_merged_export_after_qlora_is_the_dequantized_base_plus_the_update(mixed_gguf, tmp_path):
+  from models import peft_io
+
+  qc = quant.QuantConfig("nf4", block_size=32)
+  config, _, base = gguf_checkpoint.load_params(mixed_gguf)
+  adapter = _adapter(config)
+  adapter_dir = peft_io.export_adapter(tmp_path / "adapter", adapter, config.num_layers, "base")
+  said = []
+  out = gguf_export.merged_to_gguf(mixed_gguf, tmp_path / "merged.gguf", adapter_dir, "f32",
+                                   log=said.append, quantize=qc)
+  assert any("dequantized to float32 first (as peft's merge_and_unload does)" in s for s in said)
+  _, _, merged = gguf_checkpoint.load_params(out)
+  want = lora.merge_into_base(quant.quantize_base(base, qc), adapter)
+  _assert_close(merged["layers"], want["layers"], atol=1e-6)
+  # not the float base's merge: what the adapter was trained against differs from it
+  plain = lora.merge_into_base(base, adapter)["layers"]["q_proj"]
+  assert np.abs(np.asarray(plain) - np.asarray(merged["layers"]["q_proj"])).max() > 1e-4

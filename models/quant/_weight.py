@@ -30,16 +30,6 @@ class QuantizedWeight:
   block: int = flax.struct.field(pytree_node=False, default=64)
 
   @property
-  def shape(self) -> tuple[int, ...]:
-    """The dense [.., out, in] shape."""
-    *lead, rows, width = self.codes.shape
-    return (*lead, rows, width * (2 if self.format in _blocks.FOUR_BIT else 1))
-
-  @property
-  def nbytes(self) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(self))
-
-  @property
   def double_quantized(self) -> bool:
     return self.scale_scales is not None
 
