@@ -7,8 +7,9 @@ the real five-site plan, at Llama-3.2-1B or Llama-3.1-8B shapes.
       --config.model.path=/path/to/Llama-3.1-8B-Instruct
 
 LoRA r=16, alpha=64 on all seven projections; AdamW lr 2e-4 with 5% linear warmup and
-cosine decay; batch 4 of at most 800 tokens; 2 local epochs; 3 rounds; bf16 base with
-float32 adapters and optimizer state. Without `config.model.path` the base is random
+cosine decay; batch 4 of at most 800 tokens; 2 local epochs; 3 rounds; a 4-bit NF4 base
+(QLoRA, block 64, no double quantization) computing in bf16, with float32 adapters and
+optimizer state. Without `config.model.path` the base is random
 weights with the chosen layer shapes but the data tokenizer's vocabulary (LLaMA-2's
 32000, not Llama-3's 128256) and default RoPE, untied: for memory and throughput checks
 of the layers only. With it, the checkpoint's own config.json decides everything.
@@ -32,7 +33,8 @@ def get_config(shape: str = "llama3_2_1b") -> ml_collections.ConfigDict:
   c = federate.get_config("tiny")
   c.data = data_five_sites.get_config()          # max_length 800, full-sequence loss
   c.data.sites.e3c.role = "new_site"             # as in configs/evaluate_five_sites.py
-  c.model.update(dtype="bfloat16", remat="save_qkv", **SHAPES[shape])
+  c.model.update(dtype="bfloat16", remat="save_qkv", quantize="nf4", quant_block_size=64,
+                 quant_double_quant=False, **SHAPES[shape])
   c.lora.update(rank=16, alpha=64.0, targets="q,k,v,o,gate,up,down", layers=())
   c.client.update(learning_rate=2e-4, warmup_fraction=0.05, schedule="cosine",
                   weight_decay=0.0, grad_clip=1.0)

@@ -142,8 +142,8 @@ def measure(label: str, examples, log) -> dict:
   steps, batch, seq, k = _STEPS.value, _BATCH.value, _SEQ.value, _CLIENTS.value
   batches = _random_batches(cfg.vocab_size, steps, batch, seq)
   mask = np.ones(steps, bool)
-  one = jax.jit(train)
-  out["memory_one_client"] = _memory_plan(one.lower(base, adapter, batches, mask).compile())
+  one = jax.jit(train).lower(base, adapter, batches, mask).compile()  # timed below as is
+  out["memory_one_client"] = _memory_plan(one)
   stacked = jax.tree.map(lambda x: jnp.stack([x] * k), adapter)
   vmapped = jax.jit(jax.vmap(train, in_axes=(None, 0, 0, 0)))
   kb = jax.tree.map(lambda x: np.stack([x] * k), batches)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from configs import benchmark as benchmark_config
@@ -49,11 +50,19 @@ def test_benchmark_smoke_end_to_end(tmp_path):
   out = tmp_path / "results"
   proc = subprocess.run(
       [sys.executable, "-m", "launch.benchmark", "--config=configs/benchmark.py:tiny",
+       # the JAX side on an nf4 base (QLoRA), the torch side float, as users compare them
+       "--config.model.quantize=nf4",
        f"--workdir={tmp_path / 'work'}", f"--out={out}", "--name=smoke"],
       cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   doc = json.loads((out / "smoke.json").read_text())
   assert doc["errors"] == {}
+  assert doc["config"]["model"]["quantize"] == "nf4"
+  from fedjax_lora.bench import workload
+  from models import quant
+  cfg = workload.model_config(ml_collections.ConfigDict(doc["config"]))
+  assert doc["results"]["jax"]["train"]["base_bytes"] == quant.estimate_bytes(
+      cfg, quant.QuantConfig("nf4"), cfg.param_dtype)
   assert set(doc["results"]) == {"jax", "torch_eager", "torch_compile"}
   for framework, tasks in doc["results"].items():
     want = {"train", "rounds"} | ({"generate"} if framework != "torch_compile" else set())
@@ -109,6 +118,8 @@ def test_paper_configs_pass_validation_with_the_paper_settings(shape):
   assert (c.lora.rank, c.lora.alpha, c.client.learning_rate) == (16, 64.0, 2e-4)
   assert (c.run.batch_size, c.run.epochs, c.run.rounds, c.data.max_length) == (4, 2, 3, 800)
   assert len(c.lora.targets.split(",")) == 7 and c.model.dtype == "bfloat16"
+  assert (c.model.quantize, c.model.quant_block_size, c.model.quant_double_quant) == (
+      "nf4", 64, False)  # QLoRA: 4-bit NF4, no double quantization
 
 
 def _fake_doc(platform="cpu"):

@@ -72,6 +72,7 @@ def train(c, workdir) -> dict:
       lambda: jax.block_until_ready(step(base, adapter, batches, mask)), c.repeats)
   stats["tokens_per_s"] = workload.client_round_tokens(c) / stats["median_s"]
   stats["memory"] = _memory(before)
+  stats["base_bytes"] = quant.base_bytes(base)  # resident, packed if config.model.quantize
   return stats
 
 
