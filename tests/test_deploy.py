@@ -119,7 +119,10 @@ def test_an_upload_replayed_from_an_earlier_run_with_the_same_keys_is_rejected(t
 def test_a_node_with_an_unregistered_key_is_refused_and_the_run_completes(tmp_path, data):
   config = _config(**{"run.rounds": 1})
   workdir = tmp_path / "run"
-  dirs = layout.lay_out(config, workdir, QUIET, data=data)
+  # The refused site never joins: the coordinator waits out `connect` before it goes on
+  # (120 s by default); the loopback's nodes all answer at once, so 10 s is plenty.
+  dirs = layout.lay_out(config, workdir, QUIET, data=data,
+                        timeouts=server.Timeouts(connect=10.0))
   impostor = next(iter(dirs))
   # A node claiming the first site with a key of its own (not the registered one).
   fake = site.write_site_dir(tmp_path / "impostor", impostor,
