@@ -114,12 +114,15 @@ def _real_examples(log) -> tuple[arrays_lib.SiteArrays, arrays_lib.SiteArrays]:
 
 
 def _held_out_loss(graphdef, base, adapter, rows) -> float:
+  """Token-mean loss over `rows`, one example per call (the base is an argument, not a
+  constant folded into the program)."""
   @jax.jit
-  def one(tokens, mask, loss_mask):
+  def one(base, adapter, tokens, mask, loss_mask):
     logits, _ = llama.forward(graphdef, base, adapter, tokens[None], attention_mask=mask[None])
     mean, count = causal_lm_loss(logits, tokens[None], loss_mask[None])
     return mean * count, count
-  sums = [one(rows.tokens[i], rows.attention_mask[i], rows.loss_mask[i]) for i in range(len(rows))]
+  sums = [one(base, adapter, rows.tokens[i], rows.attention_mask[i], rows.loss_mask[i])
+          for i in range(len(rows))]
   return float(sum(s for s, _ in sums) / sum(c for _, c in sums))
 
 

@@ -305,9 +305,12 @@ def _kept_blocks(tensor, leaf: str, file_shape, config: LlamaConfig, source: str
         f"{', '.join(quant.GGUF_LAYOUTS)} blocks as stored. Use quantize=none (dequantize on "
         "load) or nf4 / int8 (requantize after dequantizing)")
   raw = np.asarray(tensor.data)
-  if raw.ndim != 2 or raw.shape[0] != file_shape[0] or file_shape[1] % 32:
+  _, block_bytes = quant.GGUF_LAYOUTS[type_name]
+  rows, cols = file_shape
+  if raw.shape != (rows, cols // 32 * block_bytes) or cols % 32:
     raise CheckpointError(f"{source}: tensor {tensor.name} ({type_name}) holds {raw.shape} "
-                          f"bytes; the metadata implies {file_shape} weights in 32-blocks")
+                          f"bytes; the metadata implies {file_shape} weights in 32-blocks of "
+                          f"{block_bytes} bytes")
   parts = quant.split_gguf_rows(raw, type_name)
   heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}.get(leaf)
   if heads:  # per-head row order, as for float weights; blocks run along the columns
