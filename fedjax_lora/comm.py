@@ -40,8 +40,16 @@ def total_bytes(tree: Any) -> int:
 
 
 def model_bytes(params: Any) -> int:
-  """Size of the base model pytree: what full fine-tuning would send per client per direction."""
-  return total_bytes(params)
+  """Size of the base model pytree: what full fine-tuning would send per client per direction.
+  A quantized base counts as the float model it stands for (full fine-tuning would train and
+  send float weights), in its float parts' dtype."""
+  from models import quant
+
+  if not quant.is_quantized(params):
+    return total_bytes(params)
+  dtype = params["final_norm"].dtype  # the float parts' dtype: the model's param dtype
+  dense = jax.eval_shape(lambda p: quant.dequantize_base(p, dtype), params)
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(dense))
 
 
 def _per_client(tree: Any, k: int, what: str) -> list[dict[str, int]]:

@@ -26,7 +26,7 @@ from fedjax_lora.translate import group, lora_spec, run_config, tiny_model_confi
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.security.config import SecurityConfig
 from fedjax_lora.simulator import Federation, RunConfig, SiteData
-from models import checkpoints, hf_checkpoint, llama, quant
+from models import bases, checkpoints, hf_checkpoint, llama, quant
 from models.config import LlamaConfig
 from models.lora import LoraSpec
 
@@ -228,10 +228,14 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
     check_tokenizer(config, path, cfg, tokenizer)
     cfg, graphdef, base = checkpoints.load_params(path, cfg, log=log,
                                                   quantize=quant_config(config))
-    if workdir is not None and path.is_dir():  # the exported adapter's base_model_name_or_path
+    # the exported adapter's base_model_name_or_path: an HF directory (a named base read as
+    # its GGUF for quantize=keep still has its converted one)
+    hf_dir = path if path.is_dir() else (
+        checkpoints.resolve(m.path, log) if bases.is_named(m.path) else None)
+    if workdir is not None and hf_dir is not None:
       link = workdir / "base_model"
       if not link.exists():
-        link.symlink_to(path.resolve(), target_is_directory=True)
+        link.symlink_to(hf_dir.resolve(), target_is_directory=True)
     return cfg, graphdef, base
   cfg = tiny_model_config(m, vocab_size, tokenizer)
   graphdef, base = llama.init_model(cfg, seed=config.run.seed)

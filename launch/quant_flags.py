@@ -11,7 +11,7 @@ QUANTIZE = flags.DEFINE_enum(
     "How the frozen base is held in memory: none (float, --dtype); nf4 (QLoRA's 4-bit "
     "NormalFloat, blockwise absmax); int8 (blockwise absmax); keep (a .gguf base's "
     "Q4_0/Q4_1/Q8_0 blocks as stored). Projections only; compute stays in --dtype.")
-BLOCK_SIZE = flags.DEFINE_integer("quant_block_size", 64,
+BLOCK_SIZE = flags.DEFINE_integer("quant_block_size", quant.DEFAULT_BLOCK_SIZE,
                                   "Weights per scale for --quantize=nf4 / int8 (QLoRA: 64).")
 DOUBLE_QUANT = flags.DEFINE_bool("quant_double_quant", False,
                                  "--quantize=nf4: scales in float8, one float32 scale per 256 "

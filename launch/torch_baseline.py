@@ -46,6 +46,10 @@ def main(argv):
   if config.algorithm != "fedavg":
     raise app.UsageError(f"--config.algorithm={config.algorithm}: the PyTorch baseline runs "
                          "fedavg only")
+  if config.model.get("quantize", "none") != "none":
+    raise app.UsageError(f"--config.model.quantize={config.model.quantize!r}: the PyTorch "
+                         "baseline trains a float base (no bitsandbytes 4-bit model); set "
+                         "--config.model.quantize=none to compare like with like")
   if config.keep_optimizer_state:
     raise app.UsageError("--config.keep_optimizer_state: the PyTorch baseline starts a fresh "
                          "AdamW every round, as the paper does")

@@ -243,7 +243,12 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
     want_shape = tuple(want.shape if layer is None else want.shape[1:])
     file_shape = want_shape[::-1] if matrix else want_shape  # matrices as torch [out, in]
     if keep and (matrix or leaf == "embed"):
-      parts = _kept_blocks(tensor, leaf, file_shape, config, source)
+      # llama.cpp often stores the head (or a tied embedding) as Q6_K in Q4 files: those
+      # are dequantized like float tensors; only the projections must be kept.
+      if leaf in ("embed", "lm_head") and tensor.tensor_type.name not in quant.GGUF_LAYOUTS:
+        parts = None
+      else:
+        parts = _kept_blocks(tensor, leaf, file_shape, config, source)
       if parts is not None:
         if layer is None:
           params[leaf] = quant.from_gguf(parts, tensor.tensor_type.name)
@@ -285,6 +290,11 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
     if keep:
       held = (f"{len(formats)} weights kept as stored ({', '.join(sorted(set(formats.values())))}), "
               f"the rest dequantized to {dtype}")
+      held += "".join(f"; {leaf} dequantized ({t.tensor_type.name} is not kept)"
+                      for t in reader.tensors for name, leaf in GLOBAL_TENSORS.items()
+                      if t.name == name and leaf in ("embed", "lm_head")
+                      and leaf in params and not isinstance(params[leaf], quant.QuantizedWeight)
+                      and t.tensor_type.name not in ("F32", "F16", "BF16"))
     else:
       held = f"dequantized to {dtype}" + (
           f", projections quantized to {quantize.describe()}" if quantize.active else "")

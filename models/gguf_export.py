@@ -384,7 +384,7 @@ def merged_to_gguf(base: str | os.PathLike, out: str | os.PathLike,
   quantize: the models.quant.QuantConfig the adapter was trained with; the base is held
   that way and dequantized before merging (what the adapter saw, plus its update).
   """
-  from models import lora, peft_io
+  from models import lora, peft_io, quant
 
   say = log or (lambda _: None)
   t0 = time.perf_counter()
@@ -396,6 +396,7 @@ def merged_to_gguf(base: str | os.PathLike, out: str | os.PathLike,
     say(f"merged {adapter}: rank {spec.rank}, alpha {spec.alpha:g} (scale {spec.scale:g}), "
         f"targets {','.join(spec.targets)}, layers "
         f"{'all' if spec.layers is None else list(spec.layers)}")
+  params = quant.to_float(params, say, "writing")  # no adapter: the base as it was held
   t1 = time.perf_counter()
   path = write_gguf(out, config, params, tokenizer, tensor_type, pre=pre or source_pre,
                     name=name, log=log)

@@ -159,12 +159,7 @@ def merge_into_base(base_params: dict, adapter: LoraAdapter, log=None) -> dict:
   """
   from models import quant
 
-  if quant.is_quantized(base_params):
-    if log:
-      held = ", ".join(sorted(f"{k} {v}" for k, v in quant.formats(base_params).items()))
-      log(f"merging into a quantized base: its weights ({held}) are dequantized to float32 "
-          "first (as peft's merge_and_unload does); the merged model is float")
-    base_params = quant.dequantize_base(base_params)
+  base_params = quant.to_float(base_params, log, "merging into")
   layers_dict = dict(base_params["layers"])
   spec = adapter.spec
   num_layers = next(iter(layers_dict.values())).shape[0]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_lora import comm
 from models import gguf_checkpoint, gguf_export, llama, lora, quant
 from models.config import LlamaConfig
 from models.errors import CheckpointError, QuantizationError
@@ -145,6 +146,23 @@ def test_gguf_blocks_split_as_stored_decode_exactly_as_gguf_py_dequantizes(type_
                              atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_each_dequantized_weight_lies_within_half_a_code_step_of_the_original(mode):
+  # Against the original float weights in our [L, in, out] layout: a transposed or
+  # misplaced block (square q_proj included) would be far outside its bound.
+  qc = MODES[mode]
+  _, base = _random_base()
+  back = quant.dequantize_base(quant.quantize_base(base, qc))
+  half_step = np.max(np.diff(quant.NF4)) / 2 if mode == "nf4" else 0.5 / 127
+  for target in quant.PROJECTIONS:
+    w = np.swapaxes(np.asarray(base["layers"][target]), -1, -2)  # [L, out, in]: blocks on in
+    err = np.abs(np.swapaxes(np.asarray(back["layers"][target]), -1, -2) - w)
+    blocks = lambda x: x.reshape(*x.shape[:-1], -1, qc.block_size)
+    bound = half_step * np.abs(blocks(w)).max(-1, keepdims=True) * (1 + 1e-6)
+    assert np.all(blocks(err) <= bound), target
+    assert err.max() > 0
+
+
 # ---- the model on a quantized base -----------------------------------------------------
 
 
@@ -168,8 +186,10 @@ def test_quantized_model_logits_and_adapter_grads_equal_the_float_model_of_its_v
 def test_bytes_by_arithmetic_from_the_shapes_equal_the_bytes_held(dtype):
   graphdef, base = llama.init_model(CONFIG.replace(param_dtype=dtype))
   for qc in [quant.QuantConfig(), *MODES.values()]:
-    assert quant.base_bytes(quant.quantize_base(base, qc)) == quant.estimate_bytes(
-        CONFIG, qc, dtype), qc
+    packed = quant.quantize_base(base, qc)
+    assert quant.base_bytes(packed) == quant.estimate_bytes(CONFIG, qc, dtype), qc
+    # full fine-tuning's bytes (the communication baseline) stay those of the float model
+    assert comm.model_bytes(packed) == comm.model_bytes(base)
 
 
 def test_vmapped_clients_over_one_quantized_base_equal_per_client_calls():
@@ -275,6 +295,8 @@ def test_settings_that_cannot_work_are_named():
     quant.QuantConfig("int8", double_quant=True)
   with pytest.raises(QuantizationError, match="quant_block_size=3"):
     quant.QuantConfig("nf4", block_size=3)
+  with pytest.raises(QuantizationError, match="quant_block_size=32 applies to quantize=nf4"):
+    quant.QuantConfig("keep", block_size=32)
   _, base = _random_base()
   with pytest.raises(QuantizationError, match=r"layers\.down_proj: 128 input features .* "
                                               r"quant_block_size=96"):
@@ -304,7 +326,7 @@ def test_merging_into_a_quantized_base_dequantizes_it_first_and_says_so():
   adapter = _adapter()
   said = []
   merged = lora.merge_into_base(packed, adapter, log=said.append)
-  assert "dequantized to float32 first" in said[0] and "layers.q_proj nf4" in said[0]
+  assert said[0].startswith("merging into a quantized base") and "layers.q_proj nf4" in said[0]
   assert not quant.is_quantized(merged)
   _assert_close(merged, lora.merge_into_base(quant.dequantize_base(packed), adapter), atol=0)
 
@@ -343,10 +365,18 @@ def test_merged_export_after_qlora_is_the_dequantized_base_plus_the_update(mixed
   said = []
   out = gguf_export.merged_to_gguf(mixed_gguf, tmp_path / "merged.gguf", adapter_dir, "f32",
                                    log=said.append, quantize=qc)
-  assert any("dequantized to float32 first (as peft's merge_and_unload does)" in s for s in said)
+  assert any(s.startswith("merging into a quantized base") and "(as peft's merge_and_unload "
+             "does)" in s for s in said)
   _, _, merged = gguf_checkpoint.load_params(out)
   want = lora.merge_into_base(quant.quantize_base(base, qc), adapter)
   _assert_close(merged["layers"], want["layers"], atol=1e-6)
   # not the float base's merge: what the adapter was trained against differs from it
   plain = lora.merge_into_base(base, adapter)["layers"]["q_proj"]
   assert np.abs(np.asarray(plain) - np.asarray(merged["layers"]["q_proj"])).max() > 1e-4
+  # no adapter: the base as the run held it, written as float
+  said.clear()
+  out = gguf_export.merged_to_gguf(mixed_gguf, tmp_path / "base.gguf", None, "f32",
+                                   log=said.append, quantize=qc)
+  assert any(s.startswith("writing a quantized base") for s in said)
+  _assert_close(gguf_checkpoint.load_params(out)[2]["layers"],
+                quant.dequantize_base(quant.quantize_base(base, qc))["layers"], atol=1e-6)

@@ -17,6 +17,7 @@ from models.quant._weight import QuantizedWeight, dense
 MODES = ("none", "nf4", "int8", "keep")
 # The seven projections of every layer; embeddings, the head and the norms stay float
 # (as peft + bitsandbytes leave them), except what a GGUF base stores quantized under keep.
+DEFAULT_BLOCK_SIZE = 64  # weights per scale for nf4 / int8 (QLoRA's choice)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -31,7 +32,7 @@ class QuantConfig:
     double quantization: 0.127 instead of 0.5 bits per weight for the scales).
   """
   mode: str = "none"
-  block_size: int = 64
+  block_size: int = DEFAULT_BLOCK_SIZE
   double_quant: bool = False
 
   def __post_init__(self):
@@ -40,6 +41,9 @@ class QuantConfig:
     if self.block_size < 2 or self.block_size % 2:
       raise QuantizationError(f"quant_block_size={self.block_size}: must be an even number "
                               "of at least 2 (QLoRA uses 64)")
+    if self.block_size != DEFAULT_BLOCK_SIZE and self.mode not in ("nf4", "int8"):
+      raise QuantizationError(f"quant_block_size={self.block_size} applies to quantize=nf4 or "
+                              f"int8, not quantize={self.mode!r} (GGUF blocks are 32)")
     if self.double_quant and self.mode != "nf4":
       raise QuantizationError(f"quant_double_quant applies to quantize=nf4, not "
                               f"quantize={self.mode!r}")
@@ -50,7 +54,8 @@ class QuantConfig:
     (config.model); missing fields take the defaults."""
     settings = settings or {}
     get = lambda k, d: settings[k] if k in settings else d
-    return cls(mode=get("quantize", "none"), block_size=int(get("quant_block_size", 64)),
+    return cls(mode=get("quantize", "none"),
+               block_size=int(get("quant_block_size", DEFAULT_BLOCK_SIZE)),
                double_quant=bool(get("quant_double_quant", False)))
 
   @property
@@ -78,7 +83,12 @@ def quantize_matrix(w, qc: QuantConfig, name: str = "weight") -> QuantizedWeight
     raise QuantizationError(f"{name}: {fan_in} input features are not a multiple of "
                             f"quant_block_size={qc.block_size}; choose a block size that "
                             "divides every projection's input size")
-  return _quantize_jit(jnp.asarray(w), qc)
+  if w.ndim == 2:
+    return _quantize_jit(jnp.asarray(w), qc)
+  # One layer at a time: the float temporaries of one layer, not of the whole stack (an
+  # 8B model's stacked down_proj is 1.9 GB in bf16, and its float32 blocks twice that).
+  layers = [_quantize_jit(jnp.asarray(w[i]), qc) for i in range(w.shape[0])]
+  return jax.tree.map(lambda *x: jnp.stack(x), *layers)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -146,6 +156,19 @@ def dequantize_base(params: dict, dtype=jnp.float32) -> dict:
   out = {k: go(k, v) for k, v in params.items() if k != "layers"}
   out["layers"] = {k: go(k, v) for k, v in params["layers"].items()}
   return out
+
+
+def to_float(params: dict, log=None, why: str = "exporting") -> dict:
+  """A base ready to leave the run as float weights (a merge, an export): a quantized
+  base is dequantized to float32 first, as peft's merge_and_unload does with a 4-bit
+  base, and `log` says which weights were; a float base is returned as is."""
+  if not is_quantized(params):
+    return params
+  if log:
+    held = ", ".join(sorted(f"{k} {v}" for k, v in formats(params).items()))
+    log(f"{why} a quantized base: its weights ({held}) are dequantized to float32 first (as "
+        "peft's merge_and_unload does); the result is a float model")
+  return dequantize_base(params)
 
 
 def from_gguf(parts: Mapping[str, np.ndarray], type_name: str) -> QuantizedWeight:

@@ -57,7 +57,9 @@ def _matmul_fwd(x, w, dtype, out_dtype):
 
 def _matmul_bwd(dtype, out_dtype, residuals, dy):
   w, like = residuals
-  dx = jnp.einsum("...r,rc->...c", dy.astype(dtype), dense(w, dtype))
+  # With float32 accumulation (the logits of a kept head), contract in float32 as well.
+  ct = out_dtype or dtype
+  dx = jnp.einsum("...r,rc->...c", dy.astype(ct), dense(w, ct))
   return dx.astype(like.dtype), None  # the base is frozen: no cotangent for its codes
 
 
