@@ -15,9 +15,9 @@ from models.quant import _blocks
 from models.quant._weight import QuantizedWeight, dense
 
 MODES = ("none", "nf4", "int8", "keep")
+DEFAULT_BLOCK_SIZE = 64  # weights per scale for nf4 / int8 (QLoRA's choice)
 # The seven projections of every layer; embeddings, the head and the norms stay float
 # (as peft + bitsandbytes leave them), except what a GGUF base stores quantized under keep.
-DEFAULT_BLOCK_SIZE = 64  # weights per scale for nf4 / int8 (QLoRA's choice)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -107,7 +107,7 @@ def _quantize_jit(w, qc: QuantConfig) -> QuantizedWeight:
 
 def quantize_layers(stacked: Mapping[str, object], qc: QuantConfig) -> dict:
   """Stacked layer weights {leaf: [L, ...]} (host or device) -> device arrays, with the
-  projections quantized one leaf at a time (at most one float leaf on the device)."""
+  projections quantized one layer at a time (one float layer on the device at once)."""
   out = {}
   for leaf, array in stacked.items():
     if qc.mode in ("nf4", "int8") and leaf in PROJECTIONS and not isinstance(
