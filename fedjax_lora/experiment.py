@@ -218,7 +218,7 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   """(LlamaConfig, graphdef, base): config.model.path, or a tiny random LLaMA (saved to
   workdir/base_model so exported adapters have a base to load onto)."""
   m = config.model
-  dtype = m.dtype
+  dtype, qc = m.dtype, quant_config(config)
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype must be float32 or bfloat16, got {dtype!r}")
   if m.path:
@@ -226,8 +226,7 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
     cfg = checkpoints.load_config(path, param_dtype=dtype, dtype=dtype, remat=m.remat,
                                   attention_impl=m.attention_impl or None)
     check_tokenizer(config, path, cfg, tokenizer)
-    cfg, graphdef, base = checkpoints.load_params(path, cfg, log=log,
-                                                  quantize=quant_config(config))
+    cfg, graphdef, base = checkpoints.load_params(path, cfg, log=log, quantize=qc)
     # the exported adapter's base_model_name_or_path: an HF directory (a named base read as
     # its GGUF for quantize=keep still has its converted one)
     hf_dir = path if path.is_dir() else (
@@ -242,7 +241,6 @@ def load_model(config, vocab_size: int, workdir: Path | None, tokenizer, log):
   if workdir is not None:  # keep the base so the exported adapter has something to load onto
     out = hf_checkpoint.save_params(workdir / "base_model", cfg, base)
     tokenizer.save_pretrained(str(out))
-  qc = quant_config(config)
   base = quant.quantize_base(base, qc)
   log(f"created a tiny random LLaMA: {cfg.num_params() / 1e6:.2f}M parameters, "
       f"vocab {cfg.vocab_size}" + (f", projections {qc.describe()}" if qc.active else ""))

@@ -25,6 +25,7 @@ from models.hf_checkpoint import CheckpointError
 
 MAGIC = b"GGUF"
 ARCHITECTURES = ("llama",)
+FLOAT_TYPES = ("F32", "F16", "BF16")  # loaded as float whatever quantize says
 
 # GGUF tensor name (layer part as {}) -> (our leaf, whether it is a [out, in] matrix).
 LAYER_TENSORS = {
@@ -222,6 +223,7 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
   params: dict = {}
   unknown = []
   kept: dict = {}  # leaf -> {layer: (GGUF type, split block arrays)}
+  not_kept = []    # keep: an embedding or head of a type it cannot hold, dequantized
   for tensor in reader.tensors:
     name = tensor.name
     if name == "rope_freqs.weight":
@@ -247,6 +249,8 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
       # are dequantized like float tensors; only the projections must be kept.
       if leaf in ("embed", "lm_head") and tensor.tensor_type.name not in quant.GGUF_LAYOUTS:
         parts = None
+        if tensor.tensor_type.name not in FLOAT_TYPES:
+          not_kept.append(f"{leaf} ({tensor.tensor_type.name})")
       else:
         parts = _kept_blocks(tensor, leaf, file_shape, config, source)
       if parts is not None:
@@ -290,11 +294,8 @@ def load_params(path: str | os.PathLike, config: LlamaConfig | None = None,
     if keep:
       held = (f"{len(formats)} weights kept as stored ({', '.join(sorted(set(formats.values())))}), "
               f"the rest dequantized to {dtype}")
-      held += "".join(f"; {leaf} dequantized ({t.tensor_type.name} is not kept)"
-                      for t in reader.tensors for name, leaf in GLOBAL_TENSORS.items()
-                      if t.name == name and leaf in ("embed", "lm_head")
-                      and leaf in params and not isinstance(params[leaf], quant.QuantizedWeight)
-                      and t.tensor_type.name not in ("F32", "F16", "BF16"))
+      if not_kept:
+        held += f"; {', '.join(not_kept)} dequantized: a type keep does not hold"
     else:
       held = f"dequantized to {dtype}" + (
           f", projections quantized to {quantize.describe()}" if quantize.active else "")
@@ -307,7 +308,7 @@ def _kept_blocks(tensor, leaf: str, file_shape, config: LlamaConfig, source: str
   """quantize=keep: a matrix's blocks split as stored (rows in our RoPE order), or None for a
   float tensor (loaded as float like any other)."""
   type_name = tensor.tensor_type.name
-  if type_name in ("F32", "F16", "BF16"):
+  if type_name in FLOAT_TYPES:
     return None
   if type_name not in quant.GGUF_LAYOUTS:
     raise CheckpointError(

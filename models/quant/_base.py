@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.errors import QuantizationError
-from models.quant import _blocks
+from models.quant._blocks import (GGUF_BLOCK, GGUF_LAYOUTS, quantize_int8, quantize_nf4,
+                                   quantize_scales)
 from models.quant._weight import QuantizedWeight, dense
 
 MODES = ("none", "nf4", "int8", "keep")
@@ -41,7 +42,7 @@ class QuantConfig:
     if self.block_size < 2 or self.block_size % 2:
       raise QuantizationError(f"quant_block_size={self.block_size}: must be an even number "
                               "of at least 2 (QLoRA uses 64)")
-    if self.block_size != DEFAULT_BLOCK_SIZE and self.mode not in ("nf4", "int8"):
+    if self.block_size != DEFAULT_BLOCK_SIZE and not self.quantizes_floats:
       raise QuantizationError(f"quant_block_size={self.block_size} applies to quantize=nf4 or "
                               f"int8, not quantize={self.mode!r} (GGUF blocks are 32)")
     if self.double_quant and self.mode != "nf4":
@@ -63,6 +64,11 @@ class QuantConfig:
     return self.mode != "none"
 
   @property
+  def quantizes_floats(self) -> bool:
+    """nf4 / int8 quantize float weights (keep reads a GGUF file's own blocks)."""
+    return self.mode in ("nf4", "int8")
+
+  @property
   def reads_gguf(self) -> bool:
     """keep reads a named base's GGUF file itself (its blocks), not its HF conversion."""
     return self.mode == "keep"
@@ -75,7 +81,7 @@ class QuantConfig:
 
 def quantize_matrix(w, qc: QuantConfig, name: str = "weight") -> QuantizedWeight:
   """A float weight in our [.., in, out] layout as a QuantizedWeight ([.., out, in])."""
-  if qc.mode not in ("nf4", "int8"):
+  if not qc.quantizes_floats:
     raise QuantizationError(f"{name}: quantize={qc.mode!r} does not quantize float weights "
                             "(keep reads a GGUF file's own blocks)")
   fan_in = w.shape[-2]
@@ -95,12 +101,12 @@ def quantize_matrix(w, qc: QuantConfig, name: str = "weight") -> QuantizedWeight
 def _quantize_jit(w, qc: QuantConfig) -> QuantizedWeight:
   torch_layout = jnp.swapaxes(w, -1, -2)
   if qc.mode == "int8":
-    codes, scales = _blocks.quantize_int8(torch_layout, qc.block_size)
+    codes, scales = quantize_int8(torch_layout, qc.block_size)
     return QuantizedWeight(codes, scales, format="int8", block=qc.block_size)
-  codes, scales = _blocks.quantize_nf4(torch_layout, qc.block_size)
+  codes, scales = quantize_nf4(torch_layout, qc.block_size)
   if not qc.double_quant:
     return QuantizedWeight(codes, scales, format="nf4", block=qc.block_size)
-  q, second, mean = _blocks.quantize_scales(scales)
+  q, second, mean = quantize_scales(scales)
   return QuantizedWeight(codes, q, scale_scales=second, scale_mean=mean, format="nf4",
                          block=qc.block_size)
 
@@ -110,11 +116,12 @@ def quantize_layers(stacked: Mapping[str, object], qc: QuantConfig) -> dict:
   projections quantized one layer at a time (one float layer on the device at once)."""
   out = {}
   for leaf, array in stacked.items():
-    if qc.mode in ("nf4", "int8") and leaf in PROJECTIONS and not isinstance(
-        array, QuantizedWeight):
+    if isinstance(array, QuantizedWeight):  # kept GGUF blocks
+      out[leaf] = array
+    elif qc.quantizes_floats and leaf in PROJECTIONS:
       out[leaf] = quantize_matrix(array, qc, f"layers.{leaf}")
     else:
-      out[leaf] = array if isinstance(array, QuantizedWeight) else jnp.asarray(array)
+      out[leaf] = jnp.asarray(array)
   return out
 
 
@@ -172,10 +179,10 @@ def to_float(params: dict, log=None, why: str = "exporting") -> dict:
 
 
 def from_gguf(parts: Mapping[str, np.ndarray], type_name: str) -> QuantizedWeight:
-  """Stacked `_blocks.split_gguf_rows` arrays of one weight -> a QuantizedWeight on device."""
-  fmt, _ = _blocks.GGUF_LAYOUTS[type_name]
+  """Stacked `split_gguf_rows` arrays of one weight -> a QuantizedWeight on device."""
+  fmt, _ = GGUF_LAYOUTS[type_name]
   arrays = {k: jnp.asarray(v) for k, v in parts.items()}
-  return QuantizedWeight(format=fmt, block=_blocks.GGUF_BLOCK, **arrays)
+  return QuantizedWeight(format=fmt, block=GGUF_BLOCK, **arrays)
 
 
 def base_bytes(params: dict) -> int:

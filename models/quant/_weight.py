@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from models.quant import _blocks
+from models.quant._blocks import dequantize_scales, values
 
 
 @flax.struct.dataclass
@@ -35,13 +35,13 @@ class QuantizedWeight:
 
   def first_level_scales(self):
     if self.double_quantized:
-      return _blocks.dequantize_scales(self.scales, self.scale_scales, self.scale_mean)
+      return dequantize_scales(self.scales, self.scale_scales, self.scale_mean)
     return self.scales
 
 
 def dense(w: QuantizedWeight, dtype=jnp.float32):
   """The [.., out, in] matrix in `dtype` (computed in float32, then cast)."""
-  out = _blocks.values(w.format, w.block, w.codes, w.first_level_scales(), w.offsets)
+  out = values(w.format, w.block, w.codes, w.first_level_scales(), w.offsets)
   return out.astype(dtype)
 
 
